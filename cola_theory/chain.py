@@ -91,7 +91,8 @@ def run_chain(
             if link.index > 0:
                 reset = backend.reset_optimizer(cfg.optimizer_reset)  # fresh optimizer state
                 res.history.append({"event": "knot", "t": t, "link": link.index, **reset})
-        for t in range(t, link.end):  # tune the link
+        first = t
+        for t in range(first, link.end):  # tune the link
             lr = lr_at(cfg, t, link)
             loss = backend.step(lr)
             if not math.isfinite(loss):

