@@ -80,4 +80,6 @@ def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | Non
             f"model {name!r} ({hub_id}) could not be loaded: {exc}. Offline, download it once "
             f"(huggingface-cli download {hub_id}) or pass --model /path/to/a/local/copy"
         ) from exc
+    if model.config.model_type == "opt":
+        tok.bos_token_id = 0  # as MeZO (large_models/run.py): OPT prompts start with token 0
     return model.to(device), tok, hub_id
