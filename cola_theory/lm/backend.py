@@ -1,0 +1,285 @@
+"""`PeftChainBackend`: the `ChainBackend` protocol for a Hugging Face model with one PEFT LoRA adapter.
+
+    W (frozen base weights of the target modules), link k = (B_k: (m, r_k), A_k: (r_k, n)), scale alpha/r_k
+
+extend   first link: add the adapter (`add_chain_lora`); later links: re-draw A from
+         `link_generator(seed, k)` and set B = 0 in place (a new rank: `rebuild_rank_` + a new optimizer)
+step     one optimizer step on the link factors for the batch `batch_fn(t)` of step t
+tie_knot W <- W + (alpha/r_k) B_k A_k in place (float32; optionally into a float32 master copy), B_k <- 0
+reset_optimizer  the knot's policy on exactly the link factors
+
+`batch_fn(t)` must depend only on t (and fixed data): that, the saved RNG state and the saved optimizer
+state make a resumed run (see `state_dict` and `cola_theory.lm.checkpoint`) identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from cola_theory.config import ChainConfig, Link
+from cola_theory.lm.lora_ops import (
+    ADAPTER,
+    DEFAULT_TARGETS,
+    LinkFactors,
+    add_chain_lora,
+    base_weights,
+    fold_,
+    link_parameters,
+    lora_layers,
+    make_master,
+    rebuild_rank_,
+    reinit_,
+    trainable_link_parameters,
+)
+from cola_theory.matrix_backend import link_generator
+from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
+
+Tensor = torch.Tensor
+STATE_FORMAT = 1
+
+
+def move_to(batch: Any, device: torch.device | None) -> Any:
+    """`batch` (tensor, mapping or sequence of them) on `device`."""
+    if device is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to(v, device) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def _json_config(cfg: ChainConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    d.pop("extra", None)
+    return json.loads(json.dumps(d))  # tuples -> lists, as stored in a checkpoint
+
+
+class PeftChainBackend:
+    """Chain of LoRA on a transformers model (OPT, Llama, ...) through PEFT, one persistent adapter.
+
+    model: the plain (original) base model; the first `extend` wraps it, `self.model` is then the PeftModel.
+    batch_fn(t) -> batch of step t; loss_fn(model, batch) -> scalar loss tensor; eval_fn(model) -> metrics.
+    fp32_master: fold into float32 copies of the adapted weights (for bf16/fp16 bases, no rounding drift).
+    autocast_dtype: e.g. torch.bfloat16 to run forward/backward under torch.autocast.
+    keep_original: keep a CPU copy of the adapted weights W_0 (for `delta()` and export checks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ChainConfig,
+        batch_fn: Callable[[int], Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        *,
+        target_modules: Sequence[str] | str = DEFAULT_TARGETS,
+        fp32_master: bool = False,
+        max_grad_norm: float | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        lora_dropout: float = 0.0,
+        keep_original: bool = True,
+    ) -> None:
+        if isinstance(model, PeftModel):
+            raise ValueError("model is already a PeftModel; pass the plain base model (the backend adds the adapter)")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: need > 0 or None")
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype={autocast_dtype!r} is invalid: use None, torch.bfloat16, torch.float16")
+        self.device = torch.device(device) if device is not None else None
+        self.model: nn.Module = model if self.device is None else model.to(self.device)
+        self.cfg, self.batch_fn, self.loss_fn, self.eval_fn = cfg, batch_fn, loss_fn, eval_fn
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.fp32_master, self.max_grad_norm, self.autocast_dtype = fp32_master, max_grad_norm, autocast_dtype
+        self.lora_dropout, self.keep_original = lora_dropout, keep_original
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.master: dict[str, Tensor] | None = None
+        self.original: dict[str, Tensor] = {}  # W_0 of the adapted layers, CPU, original dtype
+        self.links: list[dict[str, Any]] = []  # tied links: {"index", "rank", "factors": LinkFactors}
+        self.t, self.link, self.rank, self.active = 0, -1, 0, False
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _attach(self, rank: int) -> None:
+        """Wrap the base model in the chain's adapter and remember W_0 (and the float32 master)."""
+        self.model = add_chain_lora(self.model, rank, self.cfg.alpha, self.target_modules, self.lora_dropout)
+        if self.keep_original:
+            self.original = {n: w.detach().cpu().clone() for n, w in base_weights(self.model).items()}
+        if self.fp32_master:
+            self.master = make_master(self.model)
+        self.rank = rank
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [name for name, _ in lora_layers(self.model)]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        dev = self.device or next(self.model.parameters()).device
+        return torch.autocast(device_type=dev.type, dtype=self.autocast_dtype)
+
+    # -- the five verbs ----------------------------------------------------------------------------
+    def extend(self, link: Link) -> None:
+        """Start link k: A_k drawn from link_generator(seed, k) (k = 0 without fresh_init), B_k = 0."""
+        if not isinstance(self.model, PeftModel):
+            self._attach(link.rank)
+        elif link.rank != self.rank:  # rank step-down: new tensors, hence a new optimizer (a full reset)
+            rebuild_rank_(self.model, link.rank, self.master)
+            self.rank, self.optimizer = link.rank, None
+        g = link_generator(self.cfg.seed, link.index if self.cfg.fresh_init else 0)
+        reinit_(self.model, g, self.cfg.init, self.cfg.frozen_factor, self.cfg.init_std)
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(trainable_link_parameters(self.model), self.cfg)
+        self.link, self.active = link.index, True
+
+    def step(self, lr: float) -> float:
+        """One optimizer step on the link factors for batch_fn(t); returns the minibatch loss."""
+        if self.optimizer is None:
+            raise RuntimeError("step() before extend(): the chain has no link yet")
+        batch = move_to(self.batch_fn(self.t), self.device)
+        self.model.train()
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss_fn(self.model, batch)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable_link_parameters(self.model), self.max_grad_norm)
+        self.optimizer.step()
+        self.t += 1
+        return float(loss.detach())
+
+    def tie_knot(self) -> None:
+        """W <- W + (alpha/r) B A for the active link, and record (B, A, scale) for export."""
+        if not self.active:
+            return  # already tied (e.g. the final knot after a run restored at its end)
+        factors = fold_(self.model, self.master)
+        self.links.append({"index": self.link, "rank": self.rank, "factors": factors})
+        self.active = False
+
+    def reset_optimizer(self, policy: str) -> dict[str, float]:
+        if self.optimizer is None:
+            return {"reset_fraction": 0.0, "reset_params": 0.0}
+        g = link_generator(self.cfg.seed + 1, self.link)  # random:p pruning, same on every process
+        return reset_optimizer_state(self.optimizer, link_parameters(self.model), policy, g)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                return dict(self.eval_fn(self.model))
+        finally:
+            self.model.train(was_training)
+
+    # -- inspection --------------------------------------------------------------------------------
+    def link_parameters(self) -> list[nn.Parameter]:
+        """The current link's factors [A_1, B_1, ...] (frozen ones included)."""
+        return link_parameters(self.model)
+
+    def unwrap(self) -> nn.Module:
+        """The plain transformers model with the adapter removed (no merge: W keeps the tied links)."""
+        if isinstance(self.model, PeftModel):
+            if self.active:
+                raise ValueError("the active link is not tied; call tie_knot() (run_chain does) before unwrap()")
+            self.model = self.model.unload()
+            self.optimizer, self.master = None, None
+        return self.model
+
+    def delta(self) -> dict[str, Tensor]:
+        """W - W_0 per adapted layer (float32, CPU), tied links plus the active link."""
+        if not self.original:
+            raise ValueError("delta() needs the W_0 copy: construct the backend with keep_original=True")
+        out = {}
+        for name, layer in lora_layers(self.model):
+            W = layer.get_base_layer().weight.detach().float().cpu()
+            A, B = layer.lora_A[ADAPTER].weight.detach().float().cpu(), layer.lora_B[ADAPTER].weight.detach()
+            out[name] = W - self.original[name].float() + layer.scaling[ADAPTER] * B.float().cpu() @ A
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """{"meta": JSON-able, "tensors": flat name -> tensor, "optimizer": optimizer.state_dict()}.
+
+        Only the target modules' base weights change in a chain, so only those are saved (as now folded);
+        a restore needs the same original base model.
+        """
+        if not isinstance(self.model, PeftModel):
+            raise RuntimeError("state_dict() before the first extend(): nothing to save yet")
+        tensors: dict[str, Tensor] = {"rng/cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{i}"] = s
+        for name, layer in lora_layers(self.model):
+            tensors[f"base/{name}"] = layer.get_base_layer().weight.detach()
+            tensors[f"lora/{name}/A"] = layer.lora_A[ADAPTER].weight.detach()
+            tensors[f"lora/{name}/B"] = layer.lora_B[ADAPTER].weight.detach()
+            if self.master is not None:
+                tensors[f"master/{name}"] = self.master[name]
+        links_meta = []
+        for k, rec in enumerate(self.links):
+            links_meta.append({"index": rec["index"], "rank": rec["rank"],
+                               "scales": {n: f[2] for n, f in rec["factors"].items()}})
+            for n, (B, A, _) in rec["factors"].items():
+                tensors[f"links/{k}/{n}/B"], tensors[f"links/{k}/{n}/A"] = B, A
+        meta = {"format": STATE_FORMAT, "t": self.t, "link": self.link, "rank": self.rank, "active": self.active,
+                "links": links_meta, "layers": self.layer_names, "fp32_master": self.master is not None,
+                "config": _json_config(self.cfg)}
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        return {"meta": meta, "tensors": tensors, "optimizer": self.optimizer.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict()` into this backend (built on the same ORIGINAL base model and config)."""
+        meta, tensors = state["meta"], state["tensors"]
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"checkpoint format={meta.get('format')!r} is not {STATE_FORMAT}; it cannot be restored")
+        mine = _json_config(self.cfg)
+        diff = sorted(k for k in set(mine) | set(meta["config"]) if mine.get(k) != meta["config"].get(k))
+        if diff:
+            k = diff[0]
+            raise ValueError(f"checkpoint was written with ChainConfig.{k}={meta['config'].get(k)!r} but this run "
+                             f"has {mine.get(k)!r} (differing fields: {diff}); use the same config to resume")
+        if meta["fp32_master"] != self.fp32_master:
+            raise ValueError(f"checkpoint has fp32_master={meta['fp32_master']}; construct the backend with the same")
+        if not isinstance(self.model, PeftModel):
+            self._attach(meta["rank"])  # captures W_0 from the (original) base before it is overwritten
+        elif meta["rank"] != self.rank:
+            rebuild_rank_(self.model, meta["rank"], self.master)
+            self.rank = meta["rank"]
+        if self.layer_names != meta["layers"]:
+            raise ValueError("checkpoint adapts other layers than this model/target_modules "
+                             f"({meta['layers'][:2]}... vs {self.layer_names[:2]}...)")
+        for name, layer in lora_layers(self.model):
+            layer.get_base_layer().weight.copy_(tensors[f"base/{name}"])
+            layer.lora_A[ADAPTER].weight.copy_(tensors[f"lora/{name}/A"])
+            layer.lora_B[ADAPTER].weight.copy_(tensors[f"lora/{name}/B"])
+            if self.master is not None:
+                self.master[name].copy_(tensors[f"master/{name}"])
+            layer.lora_A[ADAPTER].weight.requires_grad_(self.cfg.frozen_factor != "A")
+            layer.lora_B[ADAPTER].weight.requires_grad_(self.cfg.frozen_factor != "B")
+        self.links = []
+        for k, lm in enumerate(meta["links"]):
+            factors: LinkFactors = {n: (tensors[f"links/{k}/{n}/B"].float(), tensors[f"links/{k}/{n}/A"].float(), s)
+                                    for n, s in lm["scales"].items()}
+            self.links.append({"index": lm["index"], "rank": lm["rank"], "factors": factors})
+        self.optimizer = make_optimizer(trainable_link_parameters(self.model), self.cfg)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(tensors["rng/cpu"])
+        cuda_keys = [f"rng/cuda/{i}" for i in range(torch.cuda.device_count())]
+        cuda_states = [tensors[k] for k in cuda_keys if k in tensors]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        self.t, self.link, self.active = meta["t"], meta["link"], meta["active"]
