@@ -32,8 +32,9 @@ class ChainBackend(Protocol):
     def extend(self, link: Link) -> None:
         """Start link `link`: A_k random (seeded by (seed, k)), B_k = 0, so W is unchanged."""
 
-    def step(self, lr: float) -> float:
-        """One optimizer step on the current link's trainable factors; returns the minibatch loss."""
+    def step(self, lr: float) -> float | Any:
+        """One optimizer step on the current link's trainable factors; returns the minibatch loss
+        (a float, or a 0-dim tensor that the driver reads only at log steps)."""
 
     def tie_knot(self) -> None:
         """Fold the current link into the frozen weights: W <- W + (alpha/r) B A."""
@@ -76,7 +77,9 @@ def run_chain(
 
     The last link is also folded at the end (the paper merges every link for deployment), so the
     backend finishes with no active adapter mass: W_T = W_0 + sum_k (alpha/r_k) B_k A_k.
-    A non-finite loss stops the run; it is recorded as diverged (step, link), not raised.
+    A non-finite loss stops the run; it is recorded as diverged (step, link), not raised. A backend whose
+    `step` returns a tensor is read (and checked) every `log_every` steps only, so a GPU step needs no
+    host-device sync; with log_every=1 (the default) every step is checked.
     """
     start_time, res, t = time.perf_counter(), ChainResult(), 0
     if checkpointer is not None and (restored := checkpointer.restore(backend)) is not None:
@@ -94,11 +97,13 @@ def run_chain(
         first = t
         for t in range(first, link.end):  # tune the link
             lr = lr_at(cfg, t, link)
-            loss = backend.step(lr)
-            if not math.isfinite(loss):
-                res.status, res.diverged = "diverged", {"step": t, "link": link.index, "loss": str(loss)}
-                res.wall_time_s = time.perf_counter() - start_time
-                return res
+            loss = backend.step(lr)  # a float, or a 0-dim tensor read only at log steps (no device sync)
+            if (t + 1) % log_every == 0 or t + 1 == link.end or isinstance(loss, float):
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    res.status, res.diverged = "diverged", {"step": t, "link": link.index, "loss": str(loss)}
+                    res.wall_time_s = time.perf_counter() - start_time
+                    return res
             if (t + 1) % log_every == 0 or t + 1 == link.end:
                 res.history.append({"event": "step", "t": t + 1, "link": link.index, "lr": lr, "loss": loss})
             if (eval_every and (t + 1) % eval_every == 0) or t + 1 == link.end:

@@ -157,7 +157,8 @@ class PeftChainBackend:
             torch.nn.utils.clip_grad_norm_(trainable_link_parameters(self.model), self.max_grad_norm)
         self.optimizer.step()
         self.t += 1
-        return float(loss.detach())
+        # on a GPU the loss stays on the device: run_chain reads it every log_every steps (no sync per step)
+        return loss.detach() if loss.is_cuda else float(loss.detach())
 
     def tie_knot(self) -> None:
         """W <- W + (alpha/r) B A for the active link, and record (B, A, scale) for export."""

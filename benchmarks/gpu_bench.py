@@ -1,0 +1,368 @@
+"""GPU benchmark: LoRA vs COLA on the real OPT-1.3B and Llama-2-7B architectures (random weights).
+
+ONE prepared script (< 8 minutes on an H200) that measures, through the package's own path
+(PeftChainBackend + run_chain + batched candidate scoring), for LoRA (1 link) and COLA (3 links):
+training tokens/s, model FLOP utilisation against the MEASURED bf16 matmul peak, peak memory, time per knot,
+evaluation examples/s, our step vs a PEFT + transformers.Trainer step on the same batch, and the projected wall
+time of the paper's Table 1 grid (7 tasks x 2 methods x 5 seeds x 5 learning rates, MeZO sizes, 5 epochs) from
+the per-task token lengths in benchmarks/results/task_lengths.json. Speed does not depend on weight values.
+
+    python benchmarks/gpu_bench.py                 # paper size (needs CUDA)
+    python benchmarks/gpu_bench.py --size tiny     # CPU, seconds: used by tests/test_benchmarks.py
+Writes <out>/gpu_bench.json and <out>/gpu_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cola_theory.chain import run_chain
+from cola_theory.config import ChainConfig
+from cola_theory.results import atomic_write_text, environment_meta
+
+HERE = Path(__file__).resolve().parent
+# Hub configs of the paper's models (config.json values), so no download is needed.
+ARCHS = {
+    "opt-1.3b": dict(
+        kind="opt",
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        ffn_dim=8192,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=2048,
+    ),
+    "llama-2-7b": dict(
+        kind="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "tiny-opt": dict(
+        kind="opt",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        vocab_size=512,
+        max_position_embeddings=512,
+        word_embed_proj_dim=64,
+    ),
+    "tiny-llama": dict(
+        kind="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        max_position_embeddings=512,
+    ),
+}
+SHAPES = {
+    "paper": {"opt-1.3b": (16, 256), "llama-2-7b": (16, 256)},
+    "tiny": {"tiny-opt": (4, 32), "tiny-llama": (4, 32)},
+}
+STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3)}  # (warm-up, timed chain steps, Trainer steps)
+LR_GRID, SEEDS, EPOCHS = 5, 5, 5
+
+
+def build(name: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    spec = dict(ARCHS[name])
+    cfg = (OPTConfig if spec.pop("kind") == "opt" else LlamaConfig)(**spec)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def synthetic(n: int, length: int, vocab: int, seed: int):
+    """n two-candidate examples of `length` tokens each with a one-token answer (the SST-2/RTE shape)."""
+    from cola_theory.lm.scoring import EncodedExample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(3, vocab, (length - 1,), generator=g).tolist()
+        out.append(EncodedExample(tuple(tuple(prompt + [a]) for a in (5, 6)), (1, 1), int(torch.randint(2, (1,)))))
+    return out
+
+
+def matmul_peak(device: str) -> float:
+    """Measured dense bf16 matmul rate (TFLOP/s): the MFU denominator."""
+    if device != "cuda":
+        return float("nan")
+    n = 8192
+    a, b = (
+        torch.randn(n, n, device=device, dtype=torch.bfloat16),
+        torch.randn(n, n, device=device, dtype=torch.bfloat16),
+    )
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def flops_per_token(model, seq_len: int, rank: int, n_adapted: int, d: int) -> float:
+    """Training FLOPs per token with a frozen base: matmuls 2N fwd + 2N bwd (activation grads only), attention
+    3 x fwd (causal: half of 4 L d per layer), adapters 3 x 2 r (d_in + d_out). lm_head excluded (only the
+    candidate positions reach it)."""
+    cfg = model.config
+    emb = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "lm_head" in n)
+    N = sum(p.numel() for p in model.parameters()) - emb
+    attn = cfg.num_hidden_layers * 2 * seq_len * d  # causal half of 4 L d
+    return 4 * N + 3 * attn + 3 * n_adapted * 2 * rank * 2 * d
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(name: str, size: str, device: str, peak: float) -> dict:
+    from cola_theory.lm.backend import PeftChainBackend
+    from cola_theory.lm.scoring import candidate_logprobs, classification_loss, collate
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    B, L = SHAPES[size][name]
+    warm, steps, trainer_steps = STEPS[size]
+    vocab = ARCHS[name]["vocab_size"]
+    data = synthetic(B * 4, L, vocab, 0)
+    batches = [collate(data[i * B : (i + 1) * B], pad_id=1) for i in range(4)]
+    tokens_per_step = int(sum(b["attention_mask"].sum() for b in batches) / len(batches))
+
+    def loss_fn(m, batch):
+        return classification_loss(candidate_logprobs(m, batch), batch["labels"])
+
+    out: dict = {"model": name, "batch_examples": B, "seq_len": L, "tokens_per_step": tokens_per_step}
+    for method, links in (("lora", 1), ("cola", 3)):
+        model = build(name, device, dtype)
+        fpt = flops_per_token(model, L, 8, 2 * model.config.num_hidden_layers, model.config.hidden_size)
+        # warm-up steps belong to link 0; COLA's two knots fall inside the timed window
+        knots = (warm + steps // 3, warm + 2 * steps // 3) if links == 3 else ()
+        cfg = ChainConfig(total_steps=steps + warm, n_links=links, knots=knots, rank=8, alpha=16, lr=1e-4)
+        backend = PeftChainBackend(model, cfg, lambda t: batches[t % 4], loss_fn, device=device, keep_original=False)
+        step_s, knot_s = timed_chain(backend, cfg, warm, device)
+        out[method] = {
+            "step_s": step_s,
+            "tokens_per_s": tokens_per_step / step_s,
+            "mfu": fpt * tokens_per_step / step_s / (peak * 1e12) if peak == peak else None,
+            "knot_s": knot_s,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        }
+        if method == "lora":
+            out["eval_examples_per_s"] = eval_speed(backend.model, data, B * 2, device)
+            out["trainer_step_s"] = trainer_step(name, device, dtype, batches, loss_fn, trainer_steps)
+        del backend, model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    out["cola_over_lora_time"] = out["cola"]["step_s"] / out["lora"]["step_s"]
+    out["ours_over_trainer_speed"] = out["trainer_step_s"] / out["lora"]["step_s"]
+    if out["lora"]["peak_mem_gb"]:
+        out["cola_over_lora_mem"] = out["cola"]["peak_mem_gb"] / out["lora"]["peak_mem_gb"]
+    out["flops_per_token"] = fpt
+    return out
+
+
+def timed_chain(backend, cfg: ChainConfig, warm: int, device: str) -> tuple[float, float | None]:
+    """run_chain with the timed window after `warm` steps: (seconds per step, mean seconds per knot)."""
+    marks: dict[str, float] = {}
+    knot_times: list[float] = []
+    tie, extend = backend.tie_knot, backend.extend
+
+    def timed_tie():
+        sync(device)
+        marks["knot"] = time.perf_counter()
+        tie()
+
+    def timed_extend(link):
+        extend(link)
+        if "knot" in marks and link.index >= 1:  # tie a knot + extend the chain (+ reset, inside run_chain)
+            sync(device)
+            knot_times.append(time.perf_counter() - marks.pop("knot"))
+
+    def on_step(t, link):
+        if t == warm:
+            sync(device)
+            marks["start"] = time.perf_counter()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+    backend.tie_knot, backend.extend = timed_tie, timed_extend
+    run_chain(backend, cfg, on_step=on_step, log_every=cfg.total_steps)
+    sync(device)
+    step_s = (time.perf_counter() - marks["start"]) / (cfg.total_steps - warm)
+    return step_s, (sum(knot_times) / len(knot_times) if knot_times else None)
+
+
+@torch.no_grad()
+def eval_speed(model, data, batch_size: int, device: str) -> float:
+    from cola_theory.lm.scoring import candidate_logprobs, collate
+
+    model.eval()
+    batches = [collate(data[i : i + batch_size], pad_id=1) for i in range(0, len(data), batch_size)]
+    candidate_logprobs(model, {k: v.to(device) for k, v in batches[0].items()})
+    sync(device)
+    t = time.perf_counter()
+    for b in batches:
+        candidate_logprobs(model, {k: v.to(device) for k, v in b.items()})
+    sync(device)
+    return len(data) / (time.perf_counter() - t)
+
+
+def trainer_step(name, device, dtype, batches, loss_fn, steps: int) -> float:
+    """Seconds per step of plain PEFT LoRA (get_peft_model, r=8, q/v) in a transformers.Trainer, same batches."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = get_peft_model(
+        build(name, device, dtype), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return steps + 2
+
+        def __getitem__(self, i):
+            return batches[i % len(batches)]
+
+    class LossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kw):
+            return loss_fn(model, inputs)
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            sync(device)
+            times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=1,
+            max_steps=steps + 2,
+            learning_rate=1e-4,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=device != "cuda",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = LossTrainer(
+            model=model, args=args, train_dataset=Batches(), data_collator=lambda xs: xs[0], callbacks=[Clock()]
+        )
+        trainer.train()
+    sync(device)
+    times.append(time.perf_counter())
+    return (times[-1] - times[2]) / (len(times) - 3)  # skip two warm-up steps
+
+
+def project_grid(res: dict, lengths: dict) -> dict:
+    """Projected wall time of Table 1 for one model: every (task, method, seed, lr) run trains 5 epochs on the MeZO
+    train sample and scores dev + test, at the measured token rates (bench shape; shorter real sequences run at a
+    lower rate, so this is an estimate)."""
+    train_tps = res["lora"]["tokens_per_s"]
+    eval_tps = res["eval_examples_per_s"] * 2 * res["seq_len"]
+    per_run = {}
+    for task, row in lengths["tasks"].items():
+        if task == "copa":
+            continue
+        train_tokens = EPOCHS * row["n_train"] * row["train_tokens_per_example"]
+        eval_tokens = (row["n_dev"] + row["n_test"]) * row["test_tokens_per_example"]
+        per_run[task] = train_tokens / train_tps + eval_tokens / eval_tps
+    runs = 2 * SEEDS * LR_GRID
+    return {
+        "per_run_s": per_run,
+        "grid_gpu_hours": runs * sum(per_run.values()) / 3600,
+        "runs": runs * len(per_run),
+        "note": "lengths from the SmolLM2 tokenizer (benchmarks/task_lengths.py)",
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# GPU benchmark ({report['meta']['device']}, {report['meta']['created_at']})",
+        "",
+        f"Measured bf16 matmul peak: {report['peak_tflops']:.0f} TFLOP/s",
+        "",
+        "| model | method | tokens/s | step s | MFU | peak mem GB | knot s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v, f: "-" if v is None or v != v else format(v, f)
+    for r in report["models"]:
+        for m in ("lora", "cola"):
+            x = r[m]
+            lines.append(
+                f"| {r['model']} | {m} | {x['tokens_per_s']:.0f} | {x['step_s']:.3f} | {fmt(x['mfu'], '.1%')} "
+                f"| {fmt(x['peak_mem_gb'], '.1f')} | {fmt(x['knot_s'], '.4f')} |"
+            )
+    lines += [
+        "",
+        "| model | COLA/LoRA time (goal <= 1.02) | COLA/LoRA mem (goal <= 1.01) | ours vs Trainer speed (goal >= 1.0) "
+        "| eval ex/s | Table-1 grid GPU-h |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["models"]:
+        lines.append(
+            f"| {r['model']} | {r['cola_over_lora_time']:.3f} | {fmt(r.get('cola_over_lora_mem'), '.3f')} | "
+            f"{r['ours_over_trainer_speed']:.2f}x | {r['eval_examples_per_s']:.0f} | "
+            f"{fmt(r.get('projection', {}).get('grid_gpu_hours'), '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("paper", "tiny"), default="paper")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--models", default=None, help="comma list (default: both paper models, or both tiny ones)")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.size == "paper" and device != "cuda":
+        raise SystemExit("gpu_bench.py --size paper needs a CUDA device; use --size tiny on a CPU")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak(device)
+    lengths = json.loads((HERE / "results" / "task_lengths.json").read_text())
+    names = args.models.split(",") if args.models else list(SHAPES[args.size])
+    report = {"size": args.size, "peak_tflops": peak, "models": [], "meta": environment_meta(device=device)}
+    for name in names:
+        t = time.perf_counter()
+        res = bench_model(name, args.size, device, peak)
+        res["projection"] = project_grid(res, lengths)
+        res["bench_s"] = time.perf_counter() - t
+        report["models"].append(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "projection"}, default=str), flush=True)
+    out = Path(args.out)
+    stem = "gpu_bench" if args.size == "paper" else "gpu_bench_tiny"
+    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1, default=str))
+    atomic_write_text(out / f"{stem}.md", markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
