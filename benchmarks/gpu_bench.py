@@ -72,7 +72,7 @@ ARCHS = {
     ),
 }
 SHAPES = {
-    "paper": {"opt-1.3b": (16, 256), "llama-2-7b": (16, 256)},
+    "paper": {"opt-1.3b": (32, 256), "llama-2-7b": (32, 256)},
     "tiny": {"tiny-opt": (4, 32), "tiny-llama": (4, 32)},
 }
 STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3)}  # (warm-up, timed chain steps, Trainer steps)
@@ -285,13 +285,13 @@ def project_grid(res: dict, lengths: dict) -> dict:
     train sample and scores dev + test, at the measured token rates (bench shape; shorter real sequences run at a
     lower rate, so this is an estimate)."""
     train_tps = res["lora"]["tokens_per_s"]
-    eval_tps = res["eval_examples_per_s"] * 2 * res["seq_len"]
+    eval_tps = res["eval_examples_per_s"] * res["seq_len"]  # one shared-prefix sequence per example
     per_run = {}
     for task, row in lengths["tasks"].items():
         if task == "copa":
             continue
-        train_tokens = EPOCHS * row["n_train"] * row["train_tokens_per_example"]
-        eval_tokens = (row["n_dev"] + row["n_test"]) * row["test_tokens_per_example"]
+        train_tokens = EPOCHS * row["n_train"] * row["train_model_tokens_per_example"]
+        eval_tokens = (row["n_dev"] + row["n_test"]) * row["test_model_tokens_per_example"]
         per_run[task] = train_tokens / train_tps + eval_tokens / eval_tps
     runs = 2 * SEEDS * LR_GRID
     return {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cola_theory.lm.data import MissingSplitError, sample_protocol
 from cola_theory.lm.models import load_model
-from cola_theory.lm.scoring import encode_example
+from cola_theory.lm.scoring import collate, encode_example
 from cola_theory.lm.tasks import TASK_NAMES
 from cola_theory.results import atomic_write_text
 
@@ -34,6 +34,9 @@ def main() -> None:
         for split in ("train", "test"):
             enc = [encode_example(tok, ex, 4096) for ex in sample[split]]
             row[f"{split}_tokens_per_example"] = statistics.mean(sum(len(s) for s in e.input_ids) for e in enc)
+            # what the model really processes: one sequence per example when candidates share a prefix
+            row[f"{split}_model_tokens_per_example"] = statistics.mean(
+                int(collate([e])["attention_mask"].sum()) for e in enc)
             row[f"{split}_candidates"] = statistics.mean(len(e.input_ids) for e in enc)
             row[f"{split}_max_len"] = max(e.max_len for e in enc)
         out["tasks"][task] = row

@@ -209,3 +209,27 @@ def test_candidate_merged_into_prompt_raises(tokenizer):
     assert encode_example(tokenizer, Example("rte", 0, "Y", ("ab",), 0), 16).option_lens == (2,)
     with pytest.raises(ValueError, match="rte idx=0: candidate 'es' adds 0 tokens to the prompt"):
         encode_example(tokenizer, Example("rte", 0, "Y", ("es",), 0), 16)  # "Y" + "es" -> one token "Yes"
+
+
+@pytest.mark.parametrize("kind", ["tiny-opt", "tiny-llama"])
+def test_shared_prefix_scores_equal_one_sequence_per_candidate(kind):
+    """Single-token candidates after one prefix: one sequence per example gives the same scores (and loss grads)."""
+    from cola_theory.lm.models import load_model
+    from cola_theory.lm.scoring import EncodedExample, classification_loss, shares_prefix
+
+    model = load_model(kind, device="cpu", seed=0)[0].eval()  # OPT has dropout 0.1
+    g = torch.Generator().manual_seed(0)
+    encs = []
+    for n, cands in ((7, (5, 6)), (11, (9, 4, 8)), (4, (5, 6))):
+        prefix = tuple(torch.randint(3, 200, (n,), generator=g).tolist())
+        encs.append(EncodedExample(tuple(prefix + (c,) for c in cands), (1,) * len(cands), 1))
+    multi = EncodedExample(((3, 4, 5, 6), (3, 4, 7, 8)), (2, 2), 0)  # two-token options: not shareable
+    assert all(shares_prefix(e) for e in encs) and not shares_prefix(multi)
+    shared, split = collate(encs + [multi]), collate(encs + [multi], share_prefix=False)
+    assert shared["input_ids"].shape[0] == 3 + 2 and split["input_ids"].shape[0] == 2 + 3 + 2 + 2
+    s1, s2 = candidate_logprobs(model, shared), candidate_logprobs(model, split)
+    torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
+    labels = shared["labels"]
+    g1 = torch.autograd.grad(classification_loss(s1, labels), model.lm_head.weight)[0]
+    g2 = torch.autograd.grad(classification_loss(s2, labels), model.lm_head.weight)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,193 @@
+"""The package's own COLA training loop for causal LMs on the MeZO tasks (used by paper_repro and benchmarks).
+
+config -> model + MeZO sample -> `PeftChainBackend` -> `run_chain` (the SAME engine as the theory) -> one
+self-describing result file {config, history, metrics, meta}. Resumable through knot checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cola_theory.chain import run_chain
+from cola_theory.config import ChainConfig, knots_from_epochs
+from cola_theory.results import environment_meta, save_result
+
+METHODS = ("lora", "cola")
+
+
+@dataclass(frozen=True)
+class LMRunConfig:
+    """One fine-tuning run (one row-seed-lr cell of Table 1/2/4 or Figure 3)."""
+
+    model: str = "smollm2-135m"  # hub id, local path, "smollm2-135m", "tiny-opt", "tiny-llama"
+    task: str = "sst2"
+    method: str = "cola"  # "lora" = a chain of one link
+    n_links: int = 3
+    epochs: float = 5.0  # the same budget for LoRA and COLA (paper: 5)
+    link_epochs: tuple[float, ...] = ()  # explicit epochs per link, e.g. (3, 2) for rank step-down
+    rank: int | tuple[int, ...] = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lr: float = 5e-4
+    lr_schedule: str = "linear"
+    optimizer_reset: str = "full"
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    seed: int = 0
+    num_train: int = 1000
+    num_dev: int | None = None  # None = MeZO's per-task value (100 for CB/COPA, else 500)
+    num_test: int = 1000
+    max_length: int = 256
+    eval_dev: bool = True
+    zero_shot: bool = False  # also evaluate the untrained model on the test sample
+    fp32_master: bool = False
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16"
+    checkpoint_every: int = 0  # also checkpoint every k steps (knots are always checkpointed)
+    group_by_length: bool = True  # batches of similar length (less padding); False: plain shuffled batches
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"LMRunConfig.method={self.method!r}: use one of {METHODS}")
+        if self.method == "lora" and (self.n_links != 1 or len(self.link_epochs) > 1):
+            object.__setattr__(self, "n_links", 1)
+            object.__setattr__(self, "link_epochs", ())
+        if self.link_epochs and len(self.link_epochs) != self.n_links:
+            object.__setattr__(self, "n_links", len(self.link_epochs))
+        if self.link_epochs and not math.isclose(sum(self.link_epochs), self.epochs):
+            raise ValueError(f"LMRunConfig.link_epochs={self.link_epochs} must sum to epochs={self.epochs}")
+        for name in ("batch_size", "eval_batch_size", "num_train", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LMRunConfig.{name}={getattr(self, name)!r} must be >= 1")
+        if self.epochs <= 0:
+            raise ValueError(f"LMRunConfig.epochs={self.epochs!r} must be > 0")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"LMRunConfig.dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+
+    def chain_config(self, steps_per_epoch: int) -> ChainConfig:
+        """The chain schedule: links of `link_epochs` (or equal shares of `epochs`) in optimizer steps."""
+        per_link = self.link_epochs or (self.epochs / self.n_links,) * self.n_links
+        T, knots = knots_from_epochs(per_link, steps_per_epoch)
+        return ChainConfig(total_steps=T, knots=knots, n_links=self.n_links, rank=self.rank, alpha=self.alpha,
+                           lr=self.lr, lr_schedule=self.lr_schedule, optimizer_reset=self.optimizer_reset,
+                           weight_decay=self.weight_decay, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def make_batches(n: int, batch_size: int, seed: int, lengths: list[int] | None = None, mega: int = 50):
+    """batch_fn(t) -> example indices of step t: a fresh seeded permutation per epoch (resume-exact).
+
+    With `lengths`, batches are grouped by length as transformers' LengthGroupedSampler does: the permutation is
+    cut into mega-batches of `mega` batches, each sorted by length and split, and the batch order is shuffled
+    (seeded) - so little padding is computed, and every epoch still visits every example once.
+    """
+    steps_per_epoch = math.ceil(n / batch_size)
+    cache: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        if lengths is None:
+            return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+        size = mega * batch_size
+        chunks = [sorted(perm[i:i + size], key=lambda j: -lengths[j]) for i in range(0, n, size)]
+        batches = [c[i:i + batch_size] for c in chunks for i in range(0, len(c), batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def indices(t: int) -> list[int]:
+        epoch, i = divmod(t, steps_per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = epoch_batches(epoch)
+        return cache[epoch][i]
+
+    return indices, steps_per_epoch
+
+
+def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: str | None = None,
+           checkpoint_dir: str | Path | None = None, model_bundle: tuple | None = None, device: str | None = None,
+           progress: bool = True, split_validation_as_train: bool = False) -> dict:
+    """Fine-tune one model on one task with LoRA or COLA and write the result file. Returns the payload.
+
+    `model_bundle=(model, tokenizer, note)` reuses an already loaded base (its weights are restored after the
+    run, so one process can run many configurations without reloading from disk).
+    """
+    from cola_theory.lm import scoring
+    from cola_theory.lm.backend import PeftChainBackend
+    from cola_theory.lm.checkpoint import KnotCheckpointer
+    from cola_theory.lm.data import sample_protocol
+    from cola_theory.lm.models import load_model
+
+    print(f"[cola] {cfg}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    sample = sample_protocol(cfg.task, seed=cfg.seed, num_train=cfg.num_train, num_dev=cfg.num_dev,
+                             num_test=cfg.num_test, data_dir=data_dir,
+                             split_validation_as_train=split_validation_as_train)
+    model, tok, note = model_bundle or load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype, device))
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if model_bundle else None
+    enc = {split: [scoring.encode_example(tok, ex, cfg.max_length) for ex in exs] for split, exs in sample.items()}
+    lengths = [e.max_len for e in enc["train"]] if cfg.group_by_length else None
+    batch_idx, steps_per_epoch = make_batches(len(enc["train"]), cfg.batch_size, cfg.seed, lengths)
+    chain_cfg = chain_cfg_ = cfg.chain_config(steps_per_epoch)
+    labels_dev = None if not cfg.eval_dev else enc.get("dev")
+
+    def batch_fn(t: int):
+        return scoring.collate([enc["train"][i] for i in batch_idx(t)], pad_id=tok.pad_token_id or 0)
+
+    def loss_fn(m, batch):
+        return scoring.classification_loss(scoring.candidate_logprobs(m, batch), batch["labels"])
+
+    def accuracy(m, split: str) -> float:
+        return scoring.evaluate_accuracy(m, tok, sample[split], cfg.eval_batch_size, max_length=cfg.max_length)
+
+    metrics: dict[str, Any] = {"model_note": note, "sizes": {k: len(v) for k, v in sample.items()},
+                               "steps_per_epoch": steps_per_epoch, "total_steps": chain_cfg.total_steps}
+    if cfg.zero_shot:
+        metrics["zero_shot_test_acc"] = accuracy(model, "test")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    backend = PeftChainBackend(model, chain_cfg_, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
+                               fp32_master=cfg.fp32_master, device=device)
+    ckpt = KnotCheckpointer(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
+    t_train = time.perf_counter()
+    result = run_chain(backend, chain_cfg, log_every=1, checkpointer=ckpt)
+    metrics["train_time_s"] = time.perf_counter() - t_train
+    metrics["status"], metrics["diverged"] = result.status, result.diverged
+    peft_model = backend.model
+    metrics["trainable_params"] = sum(p.numel() for p in backend.link_parameters())
+    if result.status == "finished":
+        t_eval = time.perf_counter()
+        metrics["test_acc"] = accuracy(peft_model, "test")
+        if labels_dev:
+            metrics["dev_acc"] = accuracy(peft_model, "dev")
+        metrics["eval_time_s"] = time.perf_counter() - t_eval
+    if device.startswith("cuda"):
+        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    metrics["wall_time_s"] = time.perf_counter() - t0
+    meta = environment_meta(seed=cfg.seed, device=device)
+    meta["wall_time_s"] = metrics["wall_time_s"]
+    payload = {"config": {**cfg.to_dict(), "chain": chain_cfg.to_dict()}, "history": result.history,
+               "metrics": metrics, "meta": meta}
+    if out_path is not None:
+        payload = save_result(out_path, **payload)
+    if saved is not None:  # give the shared base back untouched
+        base = backend.unwrap()
+        base.load_state_dict(saved)
+    print(f"[cola] {cfg.task} {cfg.method} seed={cfg.seed}: test_acc={metrics.get('test_acc')} "
+          f"({metrics['wall_time_s']:.0f}s)")
+    return payload
