@@ -70,12 +70,18 @@ ARCHS = {
         vocab_size=512,
         max_position_embeddings=512,
     ),
+    # the "small" random models of notes/models.md section 3, for the CPU-side numbers
+    "small-opt": dict(kind="opt", hidden_size=256, num_hidden_layers=6, num_attention_heads=8, ffn_dim=1024,
+                      vocab_size=8000, max_position_embeddings=512, word_embed_proj_dim=256),
+    "small-llama": dict(kind="llama", hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
+                        num_key_value_heads=4, intermediate_size=688, vocab_size=8000, max_position_embeddings=512),
 }
 SHAPES = {
     "paper": {"opt-1.3b": (32, 256), "llama-2-7b": (32, 256)},
     "tiny": {"tiny-opt": (4, 32), "tiny-llama": (4, 32)},
+    "cpu": {"small-opt": (8, 64), "small-llama": (8, 64)},
 }
-STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3)}  # (warm-up, timed chain steps, Trainer steps)
+STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3), "cpu": (3, 30, 12)}  # (warm-up, timed chain steps, Trainer steps)
 LR_GRID, SEEDS, EPOCHS = 5, 5, 5
 
 
@@ -170,6 +176,8 @@ def bench_model(name: str, size: str, device: str, peak: float) -> dict:
         if method == "lora":
             out["eval_examples_per_s"] = eval_speed(backend.model, data, B * 2, device)
             out["trainer_step_s"] = trainer_step(name, device, dtype, batches, loss_fn, trainer_steps)
+        else:
+            out["rewrap_knot_s"] = rewrap_knot(name, device, dtype)
         del backend, model
         gc.collect()
         if device == "cuda":
@@ -280,6 +288,25 @@ def trainer_step(name, device, dtype, batches, loss_fn, steps: int) -> float:
     return (times[-1] - times[2]) / (len(times) - 3)  # skip two warm-up steps
 
 
+def rewrap_knot(name: str, device: str, dtype: torch.dtype, repeats: int = 2) -> float:
+    """Seconds per knot of the naive PEFT recipe: merge_and_unload + get_peft_model + a new AdamW."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(build(name, device, dtype), cfg)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        model = get_peft_model(model.merge_and_unload(), cfg)
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    del model
+    gc.collect()
+    return sum(times) / len(times)
+
+
 def project_grid(res: dict, lengths: dict) -> dict:
     """Projected wall time of Table 1 for one model: every (task, method, seed, lr) run trains 5 epochs on the MeZO
     train sample and scores dev + test, at the measured token rates (bench shape; shorter real sequences run at a
@@ -322,13 +349,14 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "| model | COLA/LoRA time (goal <= 1.02) | COLA/LoRA mem (goal <= 1.01) | ours vs Trainer speed (goal >= 1.0) "
-        "| eval ex/s | Table-1 grid GPU-h |",
-        "|---|---|---|---|---|---|",
+        "| knot / step | PEFT re-wrap knot s | eval ex/s | Table-1 grid GPU-h |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
         lines.append(
             f"| {r['model']} | {r['cola_over_lora_time']:.3f} | {fmt(r.get('cola_over_lora_mem'), '.3f')} | "
-            f"{r['ours_over_trainer_speed']:.2f}x | {r['eval_examples_per_s']:.0f} | "
+            f"{r['ours_over_trainer_speed']:.2f}x | {fmt(r['cola']['knot_s'] / r['cola']['step_s'], '.3f')} | "
+            f"{fmt(r.get('rewrap_knot_s'), '.4f')} | {r['eval_examples_per_s']:.0f} | "
             f"{fmt(r.get('projection', {}).get('grid_gpu_hours'), '.2f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -336,7 +364,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=("paper", "tiny"), default="paper")
+    ap.add_argument("--size", choices=("paper", "cpu", "tiny"), default="paper")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--models", default=None, help="comma list (default: both paper models, or both tiny ones)")
     args = ap.parse_args(argv)
@@ -357,7 +385,7 @@ def main(argv=None) -> dict:
         report["models"].append(res)
         print(json.dumps({k: v for k, v in res.items() if k != "projection"}, default=str), flush=True)
     out = Path(args.out)
-    stem = "gpu_bench" if args.size == "paper" else "gpu_bench_tiny"
+    stem = {"paper": "gpu_bench", "cpu": "gpu_bench_cpu", "tiny": "gpu_bench_tiny"}[args.size]
     atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1, default=str))
     atomic_write_text(out / f"{stem}.md", markdown(report))
     print(markdown(report))

@@ -1,0 +1,21 @@
+"""The GPU benchmark script runs at tiny size on a CPU (so it cannot rot) and reports every figure it promises."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_bench_tiny_on_cpu(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--size", "tiny", "--out",
+                          str(tmp_path), "--models", "tiny-llama"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_bench_tiny.json").read_text())
+    (row,) = report["models"]
+    for method in ("lora", "cola"):
+        assert row[method]["tokens_per_s"] > 0 and row[method]["step_s"] > 0
+    assert row["cola"]["knot_s"] > 0 and row["rewrap_knot_s"] > 0 and row["trainer_step_s"] > 0
+    assert row["eval_examples_per_s"] > 0 and row["projection"]["grid_gpu_hours"] > 0
+    assert "COLA/LoRA time" in (tmp_path / "gpu_bench_tiny.md").read_text()
