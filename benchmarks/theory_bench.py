@@ -3,9 +3,9 @@
     python benchmarks/theory_bench.py [--skip-suite] [--skip-lmo] [--n 2000]
 
 Goals: the whole suite (run, not plot) < 60 s wall on the 2-core CPU machine; the LMO (Lanczos, tol 1e-10)
->= 10x faster than numpy.linalg.svd at 2000 x 2000. Prints each number beside its goal and writes
-benchmarks/results/theory_bench.json. Wall times depend on the machine's load: the 1-minute load average
-and CPU time are recorded next to them.
+>= 10x faster than numpy.linalg.svd at 2000 x 2000 (best of 2 SVDs vs best of 3 LMOs; the thin SVD is shown
+too). Prints each number beside its goal and writes benchmarks/results/theory_bench.json. Wall times depend on
+the machine's load: the 1-minute load average and CPU time are recorded next to them.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def best_of(fn, repeats: int) -> tuple[float, float]:
+    """(min wall, min CPU) over `repeats` calls: the usual benchmark statistic on a shared, noisy machine."""
+    times = [timed(fn)[1:] for _ in range(repeats)]
+    return min(w for w, _ in times), min(c for _, c in times)
+
+
 def bench_suite(size: str = "full") -> dict:
     from paper_repro.theory import EXPERIMENTS
 
@@ -62,9 +68,9 @@ def bench_lmo(n: int = 2000, tol: float = 1e-10) -> dict:
     }
     out: dict = {"n": n, "tol": tol, "load_before": os.getloadavg()[0], "matrices": {}}
     for name, G in mats.items():
-        _, full_wall, full_cpu = timed(lambda G=G: np.linalg.svd(G))  # numpy's default: full U, s, V^T
-        _, thin_wall, _ = timed(lambda G=G: np.linalg.svd(G, full_matrices=False))
-        _, lmo_wall, lmo_cpu = timed(lambda G=G: nuclear_lmo(G, 1.0, tol=tol))
+        full_wall, full_cpu = best_of(lambda G=G: np.linalg.svd(G), 2)  # numpy's default: full U, s, V^T
+        thin_wall, _ = best_of(lambda G=G: np.linalg.svd(G, full_matrices=False), 2)
+        lmo_wall, lmo_cpu = best_of(lambda G=G: nuclear_lmo(G, 1.0, tol=tol), 3)
         acc = lmo_accuracy(G, 1.0, tol=tol)
         row = {"svd_full_s": full_wall, "svd_thin_s": thin_wall, "lmo_s": lmo_wall, "svd_full_cpu_s": full_cpu,
                "lmo_cpu_s": lmo_cpu, "speedup_vs_full": full_wall / lmo_wall, "speedup_vs_thin": thin_wall / lmo_wall,

@@ -9,6 +9,7 @@ file when it does not match, so a damaged result is recomputed rather than silen
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -37,6 +38,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,10 +63,10 @@ def environment_meta(seed: int | None = None, device: str | None = None) -> dict
         "device": device or ("cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    for mod in ("transformers", "peft", "datasets", "scipy"):
-        try:
-            meta[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional packages
+    for dist in ("transformers", "peft", "datasets", "accelerate", "scipy"):
+        try:  # package metadata only: importing transformers would cost seconds
+            meta[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             pass
     meta["git_commit"], meta["git_dirty"] = git_state()
     return meta
