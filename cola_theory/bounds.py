@@ -33,6 +33,13 @@ def _pos(name: str, value, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def _eps(value) -> float:
+    """The oracle error eps >= 0; an exact oracle's eps can come out as -1e-15 by rounding: clamp that to 0."""
+    if isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and -1e-10 <= value < 0:
+        return 0.0
+    return _pos("eps", value, True)
+
+
 def _steps(name: str, value, low: int = 1) -> np.ndarray:
     arr = np.asarray(value)
     ok = arr.size > 0 and np.issubdtype(arr.dtype, np.integer) and bool(np.all(arr >= low))
@@ -46,7 +53,7 @@ def theorem41_bound(M: float, beta: float, D: float, T: int, eps: float = 0.0) -
     It is the step-size form (`theorem41_stepsize_bound`) evaluated at `theorem41_eta` and rounded up;
     it is valid when that eta is not capped at 1, i.e. T >= 2M / (beta D^2) (see `theorem41_eta`).
     """
-    M, beta, D, eps = _pos("M", M, True), _pos("beta", beta), _pos("D", D), _pos("eps", eps, True)
+    M, beta, D, eps = _pos("M", M, True), _pos("beta", beta), _pos("D", D), _eps(eps)
     T = float(_steps("T", T))
     return 2.0 * math.sqrt(M * beta) * D / math.sqrt(T) + eps
 
@@ -65,7 +72,7 @@ def theorem41_stepsize_bound(M: float, beta: float, D: float, T: int, eta: float
     Divide by eta T; with M = f(Delta_1) - lb and eps = (1/T) sum_t eps_t this is the bound. It holds for
     every realization (no expectation): eps_t is measured with the exact gradient, whatever the oracle did.
     """
-    M, beta, D, eps = _pos("M", M, True), _pos("beta", beta), _pos("D", D), _pos("eps", eps, True)
+    M, beta, D, eps = _pos("M", M, True), _pos("beta", beta), _pos("D", D), _eps(eps)
     T = float(_steps("T", T))
     eta = _pos("eta", eta)
     _need("eta", eta, eta <= 1.0, "the step must lie in (0, 1] so that Delta_{t+1} stays in K")

