@@ -10,6 +10,10 @@ reset_optimizer  the knot's policy on exactly the link factors
 
 `batch_fn(t)` must depend only on t (and fixed data): that, the saved RNG state and the saved optimizer
 state make a resumed run (see `state_dict` and `cola_theory.lm.checkpoint`) identical to an uninterrupted one.
+
+ddp=True (torch.distributed initialised, e.g. by `cola_theory.lm.distributed.init_from_env`): forward/backward run
+through a DistributedDataParallel wrapper, knots on the unwrapped model; every knot is checked to be bitwise
+identical on all ranks; `batch_fn(t)` returns this rank's shard of the global batch (details: `distributed`).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class PeftChainBackend:
         device: str | torch.device | None = None,
         lora_dropout: float = 0.0,
         keep_original: bool = True,
+        ddp: bool = False,
     ) -> None:
         if isinstance(model, PeftModel):
             raise ValueError("model is already a PeftModel; pass the plain base model (the backend adds the adapter)")
@@ -96,6 +101,9 @@ class PeftChainBackend:
             raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: need > 0 or None")
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype={autocast_dtype!r} is invalid: use None, torch.bfloat16, torch.float16")
+        if ddp and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("ddp=True needs an initialised torch.distributed process group: launch with torchrun "
+                             "(or accelerate launch) and call cola_theory.lm.distributed.init_from_env() first")
         self.device = torch.device(device) if device is not None else None
         self.model: nn.Module = model if self.device is None else model.to(self.device)
         self.cfg, self.batch_fn, self.loss_fn, self.eval_fn = cfg, batch_fn, loss_fn, eval_fn
@@ -107,6 +115,8 @@ class PeftChainBackend:
         self.original: dict[str, Tensor] = {}  # W_0 of the adapted layers, CPU, original dtype
         self.links: list[dict[str, Any]] = []  # tied links: {"index", "rank", "factors": LinkFactors}
         self.t, self.link, self.rank, self.active = 0, -1, 0, False
+        self.ddp, self.mean_loss = ddp, ddp  # mean_loss: the reported step loss is the mean over ranks
+        self.wrapped: nn.Module | None = None  # the DDP wrapper (forward/backward only)
 
     # -- setup -------------------------------------------------------------------------------------
     def _attach(self, rank: int) -> None:
@@ -122,6 +132,19 @@ class PeftChainBackend:
     def layer_names(self) -> list[str]:
         return [name for name, _ in lora_layers(self.model)]
 
+    def _sync(self) -> None:
+        """DDP: check that W, A, B are bitwise identical on all ranks, then (re)build the DDP wrapper if needed."""
+        from cola_theory.lm.distributed import replica_mismatches
+
+        bad = replica_mismatches(self.model)
+        if bad:
+            raise RuntimeError(f"link {self.link}: tensors differ between ranks after a knot: {bad[:4]} "
+                               f"({len(bad)} in all); every rank must load the same base model and config")
+        if self.wrapped is None:
+            dev = next(self.model.parameters()).device
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -135,9 +158,11 @@ class PeftChainBackend:
             self._attach(link.rank)
         elif link.rank != self.rank:  # rank step-down: new tensors, hence a new optimizer (a full reset)
             rebuild_rank_(self.model, link.rank, self.master)
-            self.rank, self.optimizer = link.rank, None
+            self.rank, self.optimizer, self.wrapped = link.rank, None, None
         g = link_generator(self.cfg.seed, link.index if self.cfg.fresh_init else 0)
         reinit_(self.model, g, self.cfg.init, self.cfg.frozen_factor, self.cfg.init_std)
+        if self.ddp:
+            self._sync()
         if self.optimizer is None:
             self.optimizer = make_optimizer(trainable_link_parameters(self.model), self.cfg)
         self.link, self.active = link.index, True
@@ -147,16 +172,21 @@ class PeftChainBackend:
         if self.optimizer is None:
             raise RuntimeError("step() before extend(): the chain has no link yet")
         batch = move_to(self.batch_fn(self.t), self.device)
-        self.model.train()
+        model = self.model if self.wrapped is None else self.wrapped
+        model.train()
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            loss = self.loss_fn(self.model, batch)
+            loss = self.loss_fn(model, batch)
         loss.backward()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable_link_parameters(self.model), self.max_grad_norm)
         self.optimizer.step()
         self.t += 1
+        if self.mean_loss:  # the same value on every rank, so all ranks stop together on a non-finite loss
+            from cola_theory.lm.distributed import all_reduce_mean
+
+            loss = all_reduce_mean(loss.detach())
         # on a GPU the loss stays on the device: run_chain reads it every log_every steps (no sync per step)
         return loss.detach() if loss.is_cuda else float(loss.detach())
 
@@ -167,6 +197,8 @@ class PeftChainBackend:
         factors = fold_(self.model, self.master)
         self.links.append({"index": self.link, "rank": self.rank, "factors": factors})
         self.active = False
+        if self.ddp:
+            self._sync()
 
     def reset_optimizer(self, policy: str) -> dict[str, float]:
         if self.optimizer is None:
@@ -196,7 +228,7 @@ class PeftChainBackend:
             if self.active:
                 raise ValueError("the active link is not tied; call tie_knot() (run_chain does) before unwrap()")
             self.model = self.model.unload()
-            self.optimizer, self.master = None, None
+            self.optimizer, self.master, self.wrapped = None, None, None
         return self.model
 
     def delta(self) -> dict[str, Tensor]:
@@ -223,6 +255,10 @@ class PeftChainBackend:
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda/{i}"] = s
+        if self.ddp:
+            from cola_theory.lm.distributed import gather_rng_states
+
+            tensors.update(gather_rng_states())  # every rank's dropout stream (collective)
         for name, layer in lora_layers(self.model):
             tensors[f"base/{name}"] = layer.get_base_layer().weight.detach()
             tensors[f"lora/{name}/A"] = layer.lora_A[ADAPTER].weight.detach()
@@ -259,7 +295,7 @@ class PeftChainBackend:
             self._attach(meta["rank"])  # captures W_0 from the (original) base before it is overwritten
         elif meta["rank"] != self.rank:
             rebuild_rank_(self.model, meta["rank"], self.master)
-            self.rank = meta["rank"]
+            self.rank, self.wrapped = meta["rank"], None
         if self.layer_names != meta["layers"]:
             raise ValueError("checkpoint adapts other layers than this model/target_modules "
                              f"({meta['layers'][:2]}... vs {self.layer_names[:2]}...)")
@@ -284,3 +320,8 @@ class PeftChainBackend:
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states)
         self.t, self.link, self.active = meta["t"], meta["link"], meta["active"]
+        if self.ddp:
+            from cola_theory.lm.distributed import set_rng_states
+
+            set_rng_states(tensors)
+            self._sync()

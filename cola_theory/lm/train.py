@@ -118,13 +118,35 @@ def make_batches(n: int, batch_size: int, seed: int, lengths: list[int] | None =
     return indices, steps_per_epoch
 
 
+def _inside(root: str | Path, path: str | Path, what: str) -> Path:
+    """`path` (relative to `root`, or absolute) if it lies inside `root`; ValueError naming it otherwise."""
+    from cola_theory.paths import safe_join
+
+    if not Path(path).is_absolute():
+        return safe_join(root, path, what=what)
+    base, target = Path(root).resolve(), Path(path).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{what}={str(path)!r} is outside results_root {str(base)!r}; write results and "
+                         "checkpoints below it (or pass a relative name)")
+    return target
+
+
+def _shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    return rank * n // world, (rank + 1) * n // world
+
+
 def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: str | None = None,
            checkpoint_dir: str | Path | None = None, model_bundle: tuple | None = None, device: str | None = None,
-           progress: bool = True, split_validation_as_train: bool = False) -> dict:
+           progress: bool = True, split_validation_as_train: bool = False, distributed: bool | None = None,
+           results_root: str | Path | None = None) -> dict:
     """Fine-tune one model on one task with LoRA or COLA and write the result file. Returns the payload.
 
     `model_bundle=(model, tokenizer, note)` reuses an already loaded base (its weights are restored after the
     run, so one process can run many configurations without reloading from disk).
+    distributed: data-parallel over the torch.distributed group (None = when one of > 1 process is initialised;
+    launch with torchrun): `cfg.batch_size` is the GLOBAL batch, each rank trains on a contiguous share of it
+    (weighted so the averaged gradient is the global batch's), rank 0 alone writes checkpoints and the result.
+    results_root: if given, `out_path` and `checkpoint_dir` must lie inside it (`cola_theory.paths.safe_join`).
     """
     from cola_theory.lm import scoring
     from cola_theory.lm.backend import PeftChainBackend
@@ -132,8 +154,18 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     from cola_theory.lm.data import sample_protocol
     from cola_theory.lm.models import load_model
 
-    print(f"[cola] {cfg}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if results_root is not None:
+        out_path = None if out_path is None else _inside(results_root, out_path, "out_path")
+        checkpoint_dir = None if checkpoint_dir is None else _inside(results_root, checkpoint_dir, "checkpoint_dir")
+    from cola_theory.lm import distributed as dist_mod
+
+    me = dist_mod.info()
+    ddp = me.world_size > 1 if distributed is None else distributed
+    if ddp and not dist_mod.active():
+        raise ValueError("run_lm(distributed=True) needs an initialised process group: launch with torchrun and "
+                         "call cola_theory.lm.distributed.init_from_env() first")
+    print(f"[cola] {cfg}" + (f" (rank {me.rank} of {me.world_size})" if ddp else ""))
+    device = device or (me.device if ddp else "cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     sample = sample_protocol(cfg.task, seed=cfg.seed, num_train=cfg.num_train, num_dev=cfg.num_dev,
                              num_test=cfg.num_test, data_dir=data_dir,
@@ -147,10 +179,17 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     labels_dev = None if not cfg.eval_dev else enc.get("dev")
 
     def batch_fn(t: int):
-        return scoring.collate([enc["train"][i] for i in batch_idx(t)], pad_id=tok.pad_token_id or 0)
+        idx = batch_idx(t)
+        if not ddp:
+            return scoring.collate([enc["train"][i] for i in idx], pad_id=tok.pad_token_id or 0)
+        lo, hi = _shard_bounds(len(idx), me.rank, me.world_size)  # weight: DDP's mean of means = global mean
+        mine = idx[lo:hi] or idx[:1]  # an empty share still runs (weight 0) so that every rank joins the all-reduce
+        return {"batch": scoring.collate([enc["train"][i] for i in mine], pad_id=tok.pad_token_id or 0),
+                "weight": (hi - lo) * me.world_size / len(idx)}
 
     def loss_fn(m, batch):
-        return scoring.classification_loss(scoring.candidate_logprobs(m, batch), batch["labels"])
+        weight, batch = (batch["weight"], batch["batch"]) if ddp else (1.0, batch)
+        return weight * scoring.classification_loss(scoring.candidate_logprobs(m, batch), batch["labels"])
 
     def accuracy(m, split: str) -> float:
         return scoring.evaluate_accuracy(m, tok, sample[split], cfg.eval_batch_size, max_length=cfg.max_length)
@@ -162,8 +201,9 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     backend = PeftChainBackend(model, chain_cfg_, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
-                               fp32_master=cfg.fp32_master, device=device)
-    ckpt = KnotCheckpointer(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
+                               fp32_master=cfg.fp32_master, device=device, ddp=ddp)
+    ckpt_cls = dist_mod.RankZeroCheckpointer if ddp else KnotCheckpointer
+    ckpt = ckpt_cls(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
     t_train = time.perf_counter()
     result = run_chain(backend, chain_cfg, log_every=1, checkpointer=ckpt)
     metrics["train_time_s"] = time.perf_counter() - t_train
@@ -183,8 +223,10 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     meta["wall_time_s"] = metrics["wall_time_s"]
     payload = {"config": {**cfg.to_dict(), "chain": chain_cfg.to_dict()}, "history": result.history,
                "metrics": metrics, "meta": meta}
-    if out_path is not None:
+    if out_path is not None and me.is_main:
         payload = save_result(out_path, **payload)
+    if ddp:
+        torch.distributed.barrier()  # the result exists before any rank returns
     if saved is not None:  # give the shared base back untouched
         base = backend.unwrap()
         base.load_state_dict(saved)
