@@ -110,6 +110,12 @@ def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | Non
             model = model.to(dtype)
         return model.to(device), tok, SMOLLM2_NOTE
     hub_id = PAPER_MODELS.get(name, name)
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model {name!r}: no such directory. Pass --model /path/to/a/local/copy (a folder with config.json "
+            f"and the weights), a hub id such as facebook/opt-1.3b, or one of {(SMOLLM2, *TINY, *PAPER_MODELS)}"
+        )
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         tok = AutoTokenizer.from_pretrained(hub_id)
