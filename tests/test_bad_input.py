@@ -198,7 +198,7 @@ CASES = [  # (id, function, args, kwargs, substrings the message must contain)
     ("data-unknown-task", _run_lm, (), {"task": "mnli"}, ["unknown task 'mnli'", "use one of sst2, rte"]),
     # -- model paths (offline)
     ("model-missing-path", _run_lm, (), {"model": "/nonexistent/opt-1.3b"},
-     ["model '/nonexistent/opt-1.3b'", "could not be loaded", "--model /path/to/a/local/copy"]),
+     ["no such directory", "model '/nonexistent/opt-1.3b'", "--model /path/to/a/local/copy"]),
     ("model-unknown-name", _run_lm, (), {"model": "tiny-gpt"}, ["model 'tiny-gpt'", "--model /path/to/a/local/copy"]),
     # -- resuming with another config than the checkpoint's
     ("resume-changed-lr", _resume_changed, (), {"lr": 2e-2},
