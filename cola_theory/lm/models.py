@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -70,8 +69,7 @@ def load_smollm2(use_cache: bool = True):
         with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
             clean.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(tmp, cache)  # atomic: a half-written cache is never used
+            os.rename(tmp, cache)  # atomic; fails harmlessly if another process made the cache first
             os.makedirs(tmp)  # let TemporaryDirectory clean up an empty dir
     except OSError as exc:  # an unwritable cache only costs time
         print(f"[cola] could not cache SmolLM2 at {cache} ({exc}); set COLA_CACHE to a writable folder")
