@@ -1,0 +1,169 @@
+"""LM job lists per profile, as data: one `LMJob` = one `LMRunConfig` + where its result goes + group labels.
+
+Groups name the paper artefact a job feeds: table1 (OPT-1.3B main), table2 (Llama-2-7B main), table4 (chain
+length), fig3 (rank step-down), cpu (SmolLM2-135M on the CPU), smoke (random tiny models). Tables select their
+rows from the result files' configs, not from these labels; the labels are for `--dry-run` and the report.
+
+Profiles
+- smoke: tiny-opt (random weights, char-level tokenizer) on a handful of real SST-2 rows; a few seconds.
+  Needs the benchmark data (COLA_DATA_DIR); the LM part is skipped with a message if absent.
+- cpu: SmolLM2-135M (Q4_1 GGUF expanded to float32, NOT the original weights) on real SST-2 and RTE subsets,
+  LoRA vs COLA (3 links) and a chain-length run; see `cpu_jobs` for the measured timings.
+- gpu: the paper's scale (see `gpu_jobs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+from cola_theory.lm.train import LMRunConfig
+
+PROFILES = ("smoke", "cpu", "gpu")
+LR_GRID = (1e-3, 8e-4, 5e-4, 1e-4, 5e-5)  # paper section 3.4, selected on dev
+PAPER_SEEDS = (0, 1, 2, 3, 4)  # 5 seeds; the paper's seed values are [U]
+PAPER_TASKS = ("sst2", "wsc", "cb", "wic", "boolq", "multirc", "rte")
+STEPDOWN_TASKS = ("sst2", "rte", "wsc")  # Figure 3 uses three tasks; which three is [U]
+STEPDOWN_RANKS = (2, 4, 6, 8)
+MAIN_LINKS = 3  # chain length of COLA in the main tables is [U]; 3 is the largest length in Table 4
+
+
+@dataclass(frozen=True)
+class LMJob:
+    """One LM run: its config, the groups (paper artefacts) it feeds, and its result file under results/lm/."""
+
+    cfg: LMRunConfig
+    groups: tuple[str, ...]
+
+    @property
+    def job_id(self) -> str:
+        """`<model>/<task>/<method>-L<links>-r<ranks>-lr<lr>-s<seed>-<config hash>`: stable, unique per config."""
+        c = self.cfg
+        ranks = "-".join(map(str, c.rank)) if isinstance(c.rank, tuple) else str(c.rank)
+        digest = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        model = c.model.replace("/", "_")
+        return f"{model}/{c.task}/{c.method}-L{c.n_links}-r{ranks}-lr{c.lr:g}-s{c.seed}-{digest}"
+
+    def result_path(self, results_dir: Path) -> Path:
+        return Path(results_dir) / "lm" / f"{self.job_id}.json"
+
+    def checkpoint_dir(self, results_dir: Path) -> Path:
+        return Path(results_dir) / "lm" / "checkpoints" / self.job_id
+
+
+def _dedupe(jobs: list[LMJob]) -> list[LMJob]:
+    """Merge jobs with identical configs (e.g. Table 4's length 1 = Table 1's LoRA), uniting their groups."""
+    merged: dict[str, LMJob] = {}
+    for job in jobs:
+        old = merged.get(job.job_id)
+        groups = tuple(dict.fromkeys((*old.groups, *job.groups))) if old else job.groups
+        merged[job.job_id] = LMJob(job.cfg, groups)
+    return list(merged.values())
+
+
+def smoke_jobs() -> list[LMJob]:
+    """Random tiny-opt on 16 real SST-2 rows, LoRA vs COLA (2 links): the whole LM path in a few seconds."""
+    base = dict(model="tiny-opt", task="sst2", epochs=2.0, batch_size=8, eval_batch_size=16, num_train=16,
+                num_dev=8, num_test=16, max_length=64, lr=1e-3, rank=4)
+    return [LMJob(LMRunConfig(method="lora", **base), ("smoke",)),
+            LMJob(LMRunConfig(method="cola", n_links=2, **base), ("smoke",))]
+
+
+# CPU sizing: see the measured numbers in `cpu_jobs`'s docstring.
+CPU_MODEL = "smollm2-135m"
+CPU_LR = 1e-3  # one LR (no grid on a CPU budget): the top of the paper's grid, best for a few dozen steps
+CPU_SST2 = dict(num_train=128, num_dev=32, num_test=200, epochs=3.0, batch_size=8, eval_batch_size=32,
+                max_length=128)
+CPU_RTE = dict(num_train=32, num_dev=16, num_test=100, epochs=3.0, batch_size=8, eval_batch_size=16,
+               max_length=256)
+CPU_SEEDS = (0, 1, 2, 3, 4)  # SST-2: 5 seeds, as in the paper
+CPU_RTE_SEEDS = (0, 1, 2)  # RTE steps cost ~6x SST-2's (longer prompts): 3 seeds fit
+# Measured on 2 idle cores (2 torch threads), SmolLM2-135M float32, torch 2.13 CPU, 2026-11-30: a training step at
+# batch 8 takes SST-2 0.40-0.47 s, RTE 2.6-2.8 s; scoring one test example (2 candidates) SST-2 0.029 s, RTE
+# 0.125 s; ~0.5 s per job for sampling/encoding; the model load (GGUF dequantisation) 10-25 s.
+CPU_LOAD_S = 20.0
+CPU_STEP_S = {"sst2": 0.43, "rte": 2.7}
+CPU_EVAL_S = {"sst2": 0.029, "rte": 0.125}
+
+
+def cpu_jobs() -> list[LMJob]:
+    """SmolLM2-135M on real data: ~11 minutes of LM work on 2 idle CPU cores (measured, see below).
+
+    Jobs: SST-2 (train 128, test 200, 3 epochs, batch 8 = 48 steps) LoRA vs COLA (3 links, 1 epoch each) x seeds
+    0-4; RTE (train 32, test 100, 3 epochs = 12 steps) LoRA vs COLA x seeds 0-2; SST-2 COLA with 2 links x seed 0
+    for a chain-length 1/2/3 view. One learning rate (1e-3): a grid does not fit, so dev accuracy is not computed
+    (`eval_dev=False`) and nothing is selected. The untrained model's (zero-shot) test accuracy is recorded once per
+    (task, seed), in the LoRA job, as the "no fine-tuning" baseline.
+
+    Measured wall time per job on 2 idle cores: SST-2 LoRA (+ zero-shot) 30-32 s, SST-2 COLA 26-29 s, RTE LoRA
+    (+ zero-shot) 56 s, RTE COLA 47 s; model load 10-25 s. 17 jobs: ~640 s = ~11 min (`projected_seconds`,
+    printed by `run_all.py --profile cpu --dry-run`). With other processes on the same 2 cores it is several
+    times slower (the same jobs took 35-620 s each at a load average of 4-6).
+    """
+    jobs: list[LMJob] = []
+    for task, seeds, sizes in (("sst2", CPU_SEEDS, CPU_SST2), ("rte", CPU_RTE_SEEDS, CPU_RTE)):
+        for seed in seeds:
+            common = dict(model=CPU_MODEL, task=task, lr=CPU_LR, seed=seed, eval_dev=False, **sizes)
+            jobs.append(LMJob(LMRunConfig(method="lora", zero_shot=True, **common), ("cpu",)))
+            jobs.append(LMJob(LMRunConfig(method="cola", n_links=3, **common), ("cpu",)))
+    common = dict(model=CPU_MODEL, task="sst2", lr=CPU_LR, seed=0, eval_dev=False, **CPU_SST2)
+    jobs.append(LMJob(LMRunConfig(method="cola", n_links=2, **common), ("cpu", "chain_length")))
+    return _dedupe(jobs)
+
+
+def projected_seconds(jobs: list[LMJob]) -> float | None:
+    """Projected wall seconds of SmolLM2 CPU jobs on 2 idle cores from the measured unit costs (None: no such
+    jobs, or a job of another model / an unmeasured task)."""
+    total = 0.0
+    for job in jobs:
+        c = job.cfg
+        if c.model != CPU_MODEL or c.task not in CPU_STEP_S:
+            return None
+        steps = math.ceil(c.num_train / c.batch_size) * c.epochs
+        evals = c.num_test * (1 + c.zero_shot) + (c.num_dev if c.eval_dev else 0)
+        total += steps * CPU_STEP_S[c.task] + evals * CPU_EVAL_S[c.task] + 0.5
+    return total + CPU_LOAD_S if jobs else None
+
+
+def _paper_cfg(model: str, task: str, **kw) -> LMRunConfig:
+    """The MeZO protocol (1000 / 500 / 1000; CB dev = 100 as in MeZO's finetune.sh), 5 epochs, r=8, alpha=16."""
+    num_dev = 100 if task == "cb" else 500
+    return LMRunConfig(model=model, task=task, epochs=5.0, rank=kw.pop("rank", 8), alpha=16.0, batch_size=8,
+                       num_train=1000, num_dev=num_dev, num_test=1000, max_length=kw.pop("max_length", 1024),
+                       eval_dev=True, **kw)
+
+
+def gpu_jobs() -> list[LMJob]:
+    """The paper's scale: OPT-1.3B (Table 1) and Llama-2-7B (Table 2) on the 7 tasks, LoRA vs COLA (3 links),
+    5 seeds x the LR grid {1e-3, 8e-4, 5e-4, 1e-4, 5e-5} (selected on dev); Table 4 chain length 1/2/3 at 5
+    epochs (OPT-1.3B [U]); Figure 3 rank step-down (rank 8 for 3 epochs, then 2/4/6/8 for 2 epochs) on three tasks
+    (OPT-1.3B). 1175 runs after merging duplicates; split them over machines with --shard i/n.
+    """
+    jobs: list[LMJob] = []
+    for model, label in (("opt-1.3b", "table1"), ("llama-2-7b", "table2")):
+        opt = model == "opt-1.3b"
+        for task, lr, seed in product(PAPER_TASKS, LR_GRID, PAPER_SEEDS):
+            kw = dict(lr=lr, seed=seed)
+            main = (label, "table4") if opt else (label,)
+            stepdown = opt and task in STEPDOWN_TASKS
+            lora = _paper_cfg(model, task, method="lora", zero_shot=lr == LR_GRID[0], **kw)
+            jobs.append(LMJob(lora, (*main, "fig3") if stepdown else main))
+            jobs.append(LMJob(_paper_cfg(model, task, method="cola", n_links=MAIN_LINKS, **kw), main))
+            if opt:
+                jobs.append(LMJob(_paper_cfg(model, task, method="cola", n_links=2, **kw), ("table4",)))
+            if stepdown:
+                for r in STEPDOWN_RANKS:
+                    cfg = _paper_cfg(model, task, method="cola", n_links=2, link_epochs=(3.0, 2.0), rank=(8, r), **kw)
+                    jobs.append(LMJob(cfg, ("fig3",)))
+    return _dedupe(jobs)
+
+
+def jobs_for(profile: str) -> list[LMJob]:
+    """The LM job list of a profile (raises ValueError naming the choices)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile {profile!r} is unknown; use one of {PROFILES}")
+    return {"smoke": smoke_jobs, "cpu": cpu_jobs, "gpu": gpu_jobs}[profile]()

@@ -1,0 +1,246 @@
+"""Run every experiment of the reproduction, resumably, then build the figures, tables and figures/REPORT.md.
+
+    python paper_repro/run_all.py [--profile smoke|cpu|gpu] [--only theory,lm,figures] [--force]
+                                  [--shard i/n] [--results-dir DIR] [--figures-dir DIR] [--data-dir DIR]
+                                  [--device cpu|cuda] [--dry-run]
+
+Profiles: smoke (< 1 min: theory at size "smoke" + tiny-opt LM runs; used by the tests), cpu (default: the full
+theory suite + SmolLM2-135M on real SST-2 / RTE subsets, ~15 min on 2 cores), gpu (paper scale: OPT-1.3B and
+Llama-2-7B, 7 tasks, LoRA vs COLA, 5 seeds x 5 LRs, Table 4, Figure 3; 1175 LM runs, meant for --shard).
+
+Resumable: a job whose result file is intact (sha256) and was made with the same config is skipped; a killed
+LM run resumes from results/lm/checkpoints/<job id>. `--shard i/n` (0 <= i < n) runs the jobs i, i+n, i+2n, ...
+of the sorted job list (SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); figures are built only
+when n == 1 or with --only figures. Exit codes: 0 ok, 1 a Theorem 4.1 bound is violated, 2 bad arguments,
+3 some job failed (the others still ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python paper_repro/run_all.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+PROFILES = ("smoke", "cpu", "gpu")
+PARTS = ("theory", "lm", "figures")
+THEORY_SIZE = {"smoke": "smoke", "cpu": "full", "gpu": "full"}
+EXIT_BOUND, EXIT_ARGS, EXIT_FAILED = 1, 2, 3
+
+
+def default_results_dir(profile: str) -> Path:
+    return ROOT / "paper_repro" / "results" / ("smoke" if profile == "smoke" else "")
+
+
+def default_figures_dir(profile: str) -> Path:
+    return ROOT / "figures" / ("smoke" if profile == "smoke" else "")
+
+
+def parse_parts(values: list[str] | None) -> tuple[str, ...]:
+    """['theory,lm', 'figures'] -> ('theory', 'lm', 'figures'); raises ValueError naming the choices."""
+    parts = [p.strip() for v in (values or []) for p in v.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown part(s) {bad}: choose from {', '.join(PARTS)} (repeat --only or use commas)")
+    return tuple(p for p in PARTS if p in parts) or PARTS
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/8' -> (2, 8) with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: use i/n, e.g. 0/4 (0 <= i < n)") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need n >= 1 and 0 <= i < n")
+    return i, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_all.py", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=PROFILES, default="cpu", help="experiment scale (default: cpu)")
+    p.add_argument("--only", action="append", metavar="PART",
+                   help=f"run only these parts: {', '.join(PARTS)} (repeatable or comma list; default: all)")
+    p.add_argument("--force", action="store_true", help="rerun jobs even if a valid result exists")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="i/n", help="run every n-th job from i")
+    p.add_argument("--results-dir", type=Path, help="default: paper_repro/results (smoke: paper_repro/results/smoke)")
+    p.add_argument("--figures-dir", type=Path, help="default: figures (smoke: figures/smoke)")
+    p.add_argument("--data-dir", help="benchmark data (default: $COLA_DATA_DIR, else ../shared/data)")
+    p.add_argument("--device", help="torch device for the LM runs (default: cuda if available, else cpu)")
+    p.add_argument("--dry-run", action="store_true", help="print the job list and exit")
+    return p
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: a theory experiment (key T1..T5) or an LM run (`lm` is its LMJob)."""
+
+    kind: str  # "theory" | "lm"
+    key: str
+    lm: object = None
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.kind}/{self.key}"
+
+
+def theory_experiments() -> dict:
+    from paper_repro.theory import EXPERIMENTS
+
+    return EXPERIMENTS
+
+
+def job_list(profile: str, parts: tuple[str, ...]) -> tuple[list[Job], list[str]]:
+    """(jobs sorted by id, problems): the theory experiments and the LM runs of a profile."""
+    jobs, problems = [], []
+    if "theory" in parts:
+        try:
+            jobs += [Job("theory", key) for key in theory_experiments()]
+        except ImportError as exc:
+            problems.append(f"theory part unavailable (paper_repro.theory does not import: {exc})")
+    if "lm" in parts:
+        from paper_repro.lm.profiles import jobs_for
+
+        jobs += [Job("lm", j.job_id, j) for j in jobs_for(profile)]
+    return sorted(jobs, key=lambda j: j.job_id), problems
+
+
+def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
+    return jobs[i::n]
+
+
+def check_writable(path: Path, flag: str) -> str | None:
+    """None if `path` can be created and written, else a message naming the flag, the path and the reason."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return f"{flag} {path} is not writable ({exc.strerror or exc}); choose another directory with {flag}"
+    return None
+
+
+def _mtimes(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
+
+
+def run_theory_job(key: str, results_dir: Path, size: str, force: bool) -> str:
+    """Run one theory experiment (it skips its own valid results): 'skipped' if its result JSONs were untouched
+    (the CSV / Markdown views are re-rendered from them every time), else 'ran'."""
+    before = _mtimes(results_dir / "theory")
+    paths = [Path(p) for p in theory_experiments()[key].run(results_dir, size=size, force=force)]
+    results = [p for p in paths if p.suffix == ".json"] or paths
+    unchanged = all(p in before and before[p] == p.stat().st_mtime_ns for p in results if p.exists())
+    return "skipped" if results and unchanged else "ran"
+
+
+def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int]) -> None:
+    from paper_repro.lm.profiles import projected_seconds
+
+    print(f"profile={profile} shard={shard_spec[0]}/{shard_spec[1]}: {len(jobs)} jobs")
+    for job in jobs:
+        groups = f"  [{', '.join(job.lm.groups)}]" if job.lm is not None else ""
+        print(f"  {job.job_id}{groups}")
+    seconds = projected_seconds([j.lm for j in jobs if j.lm is not None])
+    if seconds:
+        print(f"projected LM time (measured per-job costs, 2 CPU cores): {seconds / 60:.1f} min")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        parts = parse_parts(args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
+    i, n = args.shard
+    results_dir = (args.results_dir or default_results_dir(args.profile)).resolve()
+    figures_dir = (args.figures_dir or default_figures_dir(args.profile)).resolve()
+    build_figures = "figures" in parts and (n == 1 or parts == ("figures",))
+    checks = ([(results_dir, "--results-dir")] if {"theory", "lm"} & set(parts) else []) + (
+        [(figures_dir, "--figures-dir")] if build_figures else [])
+    for path, flag in checks if not args.dry_run else []:  # before any work
+        if (msg := check_writable(path, flag)) is not None:
+            parser.error(msg)
+    jobs, problems = job_list(args.profile, parts)
+    jobs = shard(jobs, i, n)
+    if args.dry_run:
+        dry_run(jobs, args.profile, args.shard)
+        return 0
+    for msg in problems:
+        print(f"[run_all] WARNING: {msg}", file=sys.stderr)
+    t0 = time.perf_counter()
+    counts = run_jobs(jobs, args, results_dir)
+    code = EXIT_FAILED if counts.get("failed") or problems else 0
+    print(f"[run_all] {len(jobs)} jobs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+          + f" ({time.perf_counter() - t0:.0f} s)")
+    if build_figures:
+        from paper_repro.make_figures import build
+
+        summary = build(results_dir, figures_dir, profile=args.profile)
+        print(summary.text)
+        if summary.bound_violated:
+            print(f"[run_all] ERROR: {summary.bound_message}", file=sys.stderr)
+            return EXIT_BOUND
+    elif "figures" in parts:
+        print(f"[run_all] shard {i}/{n}: figures not built; run `python paper_repro/run_all.py --only figures "
+              f"--results-dir {results_dir}` after all shards finish")
+    return code
+
+
+def run_jobs(jobs: list[Job], args: argparse.Namespace, results_dir: Path) -> dict[str, int]:
+    """Theory jobs first, then the LM jobs (grouped by model inside `run_lm_jobs`); a tqdm bar over all."""
+    from tqdm import tqdm
+
+    counts: dict[str, int] = {}
+    bar = tqdm(total=len(jobs), desc="run_all", unit="job", file=sys.stderr, dynamic_ncols=True)
+
+    failed: list[str] = []
+
+    def done(job_id: str, status: str) -> None:
+        counts[status] = counts.get(status, 0) + 1
+        if status == "failed":
+            failed.append(job_id)
+        bar.set_postfix_str(f"{job_id} {status}"[-60:])
+        bar.update(1)
+
+    for job in (j for j in jobs if j.kind == "theory"):
+        try:
+            status = run_theory_job(job.key, results_dir, THEORY_SIZE[args.profile], args.force)
+        except Exception as exc:  # noqa: BLE001 - report, run the rest
+            import traceback
+
+            print(f"[run_all] FAILED {job.job_id}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            status = "failed"
+        done(job.job_id, status)
+    lm_jobs = [j.lm for j in jobs if j.kind == "lm"]
+    if lm_jobs:
+        from paper_repro.lm.runner import resolve_data, run_lm_jobs
+
+        data_dir, problem = resolve_data(args.data_dir)
+        if data_dir is None:
+            print(f"[run_all] LM part skipped ({len(lm_jobs)} jobs): {problem}")
+            for job in lm_jobs:
+                done(f"lm/{job.job_id}", "no-data")
+        else:
+            run_lm_jobs(lm_jobs, results_dir, data_dir=data_dir, force=args.force, device=args.device,
+                        log=lambda m: tqdm.write(m, file=sys.stdout),
+                        on_done=lambda job, status: done(f"lm/{job.job_id}", status))
+    bar.close()
+    if failed:
+        print(f"[run_all] {len(failed)} job(s) FAILED (tracebacks above; rerun to retry them): " + ", ".join(failed))
+    return counts
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
