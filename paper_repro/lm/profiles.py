@@ -76,33 +76,34 @@ def smoke_jobs() -> list[LMJob]:
 # CPU sizing: see the measured numbers in `cpu_jobs`'s docstring.
 CPU_MODEL = "smollm2-135m"
 CPU_LR = 1e-3  # one LR (no grid on a CPU budget): the top of the paper's grid, best for a few dozen steps
-CPU_SST2 = dict(num_train=128, num_dev=32, num_test=200, epochs=3.0, batch_size=8, eval_batch_size=32,
+CPU_SST2 = dict(num_train=256, num_dev=32, num_test=200, epochs=3.0, batch_size=8, eval_batch_size=32,
                 max_length=128)
-CPU_RTE = dict(num_train=32, num_dev=16, num_test=100, epochs=3.0, batch_size=8, eval_batch_size=16,
+CPU_RTE = dict(num_train=64, num_dev=16, num_test=100, epochs=3.0, batch_size=8, eval_batch_size=16,
                max_length=256)
-CPU_SEEDS = (0, 1, 2, 3, 4)  # SST-2: 5 seeds, as in the paper
-CPU_RTE_SEEDS = (0, 1, 2)  # RTE steps cost ~6x SST-2's (longer prompts): 3 seeds fit
+CPU_SEEDS = (0, 1, 2, 3)  # SST-2: 4 seeds (the paper has 5; a fifth does not fit the ~10 min budget)
+CPU_RTE_SEEDS = (0, 1)  # RTE steps cost ~6x SST-2's (longer prompts): 2 seeds fit
 # Measured on 2 idle cores (2 torch threads), SmolLM2-135M float32, torch 2.13 CPU, 2026-11-30: a training step at
 # batch 8 takes SST-2 0.40-0.47 s, RTE 2.6-2.8 s; scoring one test example (2 candidates) SST-2 0.029 s, RTE
-# 0.125 s; ~0.5 s per job for sampling/encoding; the model load (GGUF dequantisation) 10-25 s.
-CPU_LOAD_S = 20.0
+# 0.125 s; ~0.5 s per job for sampling/encoding; the model load 10-25 s the first time (GGUF dequantisation),
+# ~1 s afterwards (cached float32 safetensors, `cola_theory.lm.models.load_smollm2`).
+CPU_LOAD_S = 5.0
 CPU_STEP_S = {"sst2": 0.43, "rte": 2.7}
 CPU_EVAL_S = {"sst2": 0.029, "rte": 0.125}
 
 
 def cpu_jobs() -> list[LMJob]:
-    """SmolLM2-135M on real data: ~11 minutes of LM work on 2 idle CPU cores (measured, see below).
+    """SmolLM2-135M on real data: ~12 minutes of LM work on 2 idle CPU cores (unit costs measured, see below).
 
-    Jobs: SST-2 (train 128, test 200, 3 epochs, batch 8 = 48 steps) LoRA vs COLA (3 links, 1 epoch each) x seeds
-    0-4; RTE (train 32, test 100, 3 epochs = 12 steps) LoRA vs COLA x seeds 0-2; SST-2 COLA with 2 links x seed 0
+    Jobs: SST-2 (train 256, test 200, 3 epochs, batch 8 = 96 steps) LoRA vs COLA (3 links, 1 epoch each) x seeds
+    0-3; RTE (train 64, test 100, 3 epochs = 24 steps) LoRA vs COLA x seeds 0-1; SST-2 COLA with 2 links x seed 0
     for a chain-length 1/2/3 view. One learning rate (1e-3): a grid does not fit, so dev accuracy is not computed
     (`eval_dev=False`) and nothing is selected. The untrained model's (zero-shot) test accuracy is recorded once per
     (task, seed), in the LoRA job, as the "no fine-tuning" baseline.
 
-    Measured wall time per job on 2 idle cores: SST-2 LoRA (+ zero-shot) 30-32 s, SST-2 COLA 26-29 s, RTE LoRA
-    (+ zero-shot) 56 s, RTE COLA 47 s; model load 10-25 s. 17 jobs: ~640 s = ~11 min (`projected_seconds`,
-    printed by `run_all.py --profile cpu --dry-run`). With other processes on the same 2 cores it is several
-    times slower (the same jobs took 35-620 s each at a load average of 4-6).
+    Measured wall time per job on 2 idle cores at the earlier size (train 128 / 32): SST-2 LoRA (+ zero-shot)
+    30-32 s, SST-2 COLA 26-29 s, RTE LoRA (+ zero-shot) 56 s, RTE COLA 47 s. At this size `projected_seconds`
+    (printed by `run_all.py --profile cpu --dry-run`) gives ~12 min for the 13 jobs. With other processes on the
+    same 2 cores it is several times slower (the same jobs took 35-620 s each at a load average of 4-6).
     """
     jobs: list[LMJob] = []
     for task, seeds, sizes in (("sst2", CPU_SEEDS, CPU_SST2), ("rte", CPU_RTE_SEEDS, CPU_RTE)):
