@@ -330,10 +330,11 @@ def project_grid(res: dict, lengths: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
+    peak = report["peak_tflops"]
     lines = [
-        f"# GPU benchmark ({report['meta']['device']}, {report['meta']['created_at']})",
+        f"# LM benchmark ({report['meta']['device']}, {report['meta']['created_at']})",
         "",
-        f"Measured bf16 matmul peak: {report['peak_tflops']:.0f} TFLOP/s",
+        f"Measured bf16 matmul peak: {peak:.0f} TFLOP/s" if peak == peak else "No matmul peak on a CPU (no MFU).",
         "",
         "| model | method | tokens/s | step s | MFU | peak mem GB | knot s |",
         "|---|---|---|---|---|---|---|",
@@ -349,7 +350,7 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "| model | COLA/LoRA time (goal <= 1.02) | COLA/LoRA mem (goal <= 1.01) | ours vs Trainer speed (goal >= 1.0) "
-        "| knot / step | PEFT re-wrap knot s | eval ex/s | Table-1 grid GPU-h |",
+        "| knot / step | PEFT re-wrap knot s | eval ex/s | Table-1 grid, hours on this device |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
