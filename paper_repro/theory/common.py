@@ -176,3 +176,10 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 class BoundViolation(RuntimeError):
     """A measured point lies above its proven bound: a bug in the code or in a constant, never to be hidden."""
+def check_rank_floor(rows: Sequence[dict], tag: str) -> None:
+    """Raise if a finished run's distance beat the Eckart-Young floor of its rank (`holds` False): a bug."""
+    bad = [(r["method"], r["lr"], r["seed"]) for r in rows if math.isfinite(r["dist"]) and not r["holds"]]
+    if bad:
+        raise BoundViolation(f"{tag}: a chain beat the Eckart-Young floor of its rank at {bad}: a bug")
+
+

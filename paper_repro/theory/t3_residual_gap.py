@@ -8,13 +8,12 @@ schedule, alpha/r = 2; full fine-tuning is MatrixBackend(mode="full")), lr tuned
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from cola_theory.problems import make_problem
 from paper_repro.theory.common import (
-    BoundViolation,
     cached,
+    check_rank_floor,
     check_size,
     load,
     log,
@@ -87,9 +86,7 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
                               "rank", "seeds"]))
     paths = [write_csv(d / f"{STEM}.csv", rows, COLUMNS + ["holds"]), d / f"{STEM}.json",
              write_markdown(d / "t3_summary.md", "T3: residual learning closes the gap", text)]
-    bad = [(r["method"], r["lr"], r["seed"]) for r in rows if math.isfinite(r["dist"]) and not r["holds"]]
-    if bad:
-        raise BoundViolation(f"T3: a chain beat the Eckart-Young floor of its rank at {bad}: a bug")
+    check_rank_floor(rows, "T3")
     log(TAG, "; ".join(f"{s['method']}: dist {s['dist']:.3g}" for s in summ))
     return paths
 
