@@ -13,6 +13,7 @@ Nonconvex smooth: robust_cauchy, robust_geman_mcclure, two_layer, sigmoid_sensin
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -60,7 +61,7 @@ def check_sizes(problem: str, *, m: int, n: int, k: int, N: int | None = None,
         raise ValueError(f"{problem}: scale={scale!r} is invalid: need a finite number > 0")
 
 
-class Problem:
+class Problem(ABC):
     """Base class: subclasses define `_loss(W, idx)` (torch, differentiable) and `_grad(W, idx)`."""
 
     name = "problem"
@@ -99,11 +100,13 @@ class Problem:
                 "f_star": self.f_star, "lower_bound": self.lower_bound, "n_samples": self.n_samples,
                 "target_rank": None if self.W_star is None else int(torch.linalg.matrix_rank(self.Delta_star))}
 
-    def _loss(self, W: Tensor, idx: Tensor | None) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _loss(self, W: Tensor, idx: Tensor | None) -> Tensor:
+        """f(W) over the samples idx (all if None), differentiable in W."""
 
-    def _grad(self, W: Tensor, idx: Tensor | None) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _grad(self, W: Tensor, idx: Tensor | None) -> Tensor:
+        """The exact gradient of `_loss` w.r.t. W, shape (m, n)."""
 
 
 @register("least_squares")

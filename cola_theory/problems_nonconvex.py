@@ -14,6 +14,7 @@ Importing `cola_theory.problems` imports this module, so the registry always hol
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 
@@ -53,11 +54,13 @@ class RobustRegression(Problem):
         beta = torch.linalg.matrix_norm(self.X, ord=2).item() ** 2 / N
         super().__init__(W0, W_star, beta, N, f_star=0.0)
 
-    def rho(self, r: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def rho(self, r: Tensor) -> Tensor:
+        """The robust loss of a residual, elementwise."""
 
-    def rho_prime(self, r: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def rho_prime(self, r: Tensor) -> Tensor:
+        """Its derivative, elementwise."""
 
     def _rows(self, idx):
         return (self.X, self.Y) if idx is None else (self.X[idx], self.Y[idx])
