@@ -38,3 +38,17 @@ def test_unknown_models_fail_clearly(tmp_path):
         tiny_config("tiny-gpt")
     with pytest.raises(FileNotFoundError, match="--model /path/to/a/local/copy"):
         load_model(str(tmp_path / "no-such-model"), device="cpu")
+
+
+def test_paper_model_names_resolve_to_a_local_models_dir(tmp_path, monkeypatch):
+    """Offline GPU profile: `opt-1.3b` is read from $COLA_MODELS_DIR/opt-1.3b (here a tiny OPT saved there)."""
+    from paper_repro.lm.runner import tiny_tokenizer
+
+    model, _, _ = load_model("tiny-opt", device="cpu", tiny_vocab=128)
+    model.save_pretrained(tmp_path / "opt-1.3b")
+    tiny_tokenizer().save_pretrained(tmp_path / "opt-1.3b")
+    monkeypatch.setenv("COLA_MODELS_DIR", str(tmp_path))
+    loaded, tok, note = load_model("opt-1.3b", device="cpu")
+    assert note == str(tmp_path / "opt-1.3b") and tok.bos_token_id == 0  # MeZO's OPT quirk applied
+    ref = model.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in loaded.state_dict().items())

