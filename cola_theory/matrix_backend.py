@@ -21,14 +21,22 @@ from cola_theory.problems import Problem
 Tensor = torch.Tensor
 
 
+def draw_factor(shape: tuple[int, int], init: str, rank: int, generator: torch.Generator,
+                std: float | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A random LoRA factor on CPU: PEFT's kaiming_uniform(a=sqrt(5)) (bound 1/sqrt(fan_in)) or N(0, std^2),
+    std = 1/r by default (PEFT "gaussian"). Shared by the matrix and the transformer backends."""
+    if init == "gaussian":
+        return torch.randn(shape, generator=generator, dtype=dtype) * (std if std is not None else 1.0 / rank)
+    if init != "kaiming":
+        raise ValueError(f"init={init!r} is invalid: use 'kaiming' or 'gaussian'")
+    bound = 1.0 / math.sqrt(shape[1])  # gain sqrt(2/(1+5)) * sqrt(3/fan_in)
+    return (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * bound
+
+
 def init_factor(shape: tuple[int, int], cfg: ChainConfig, rank: int, g: torch.Generator,
                 dtype=torch.float64) -> Tensor:
-    """A random LoRA factor: PEFT's kaiming_uniform(a=sqrt(5)) (bound 1/sqrt(fan_in)) or N(0, std^2)."""
-    if cfg.init == "gaussian":
-        std = cfg.init_std if cfg.init_std is not None else 1.0 / rank
-        return torch.randn(shape, generator=g, dtype=dtype) * std
-    bound = 1.0 / math.sqrt(shape[1])  # gain sqrt(2/(1+5)) * sqrt(3/fan_in)
-    return (torch.rand(shape, generator=g, dtype=dtype) * 2 - 1) * bound
+    """`draw_factor` with the init of `cfg` (float64 for the theory problems)."""
+    return draw_factor(shape, cfg.init, rank, g, cfg.init_std, dtype)
 
 
 def link_generator(seed: int, link: int) -> torch.Generator:

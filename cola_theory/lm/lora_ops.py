@@ -22,6 +22,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from cola_theory.matrix_backend import draw_factor
+
 Tensor = torch.Tensor
 ADAPTER = "default"  # the chain lives in one persistent PEFT adapter
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # the paper / MeZO LoRA setting (r=8, alpha=16)
@@ -141,17 +143,6 @@ def fold_(model: nn.Module, master: dict[str, Tensor] | None = None) -> LinkFact
         tied[name] = (B.detach().float().cpu().clone(), A.detach().float().cpu().clone(), layer.scaling[ADAPTER])
         B.zero_()  # the tied link no longer contributes; reinit_ draws the next one
     return tied
-
-
-def draw_factor(shape: tuple[int, int], init: str, rank: int, generator: torch.Generator,
-                std: float | None = None) -> Tensor:
-    """A random factor on CPU, float32: PEFT's kaiming_uniform(a=sqrt(5)) (bound 1/sqrt(fan_in)) or N(0, std^2)."""
-    if init == "gaussian":
-        return torch.randn(shape, generator=generator) * (std if std is not None else 1.0 / rank)
-    if init != "kaiming":
-        raise ValueError(f"init={init!r} is invalid: use one of {INITS}")
-    bound = 1.0 / math.sqrt(shape[1])  # gain sqrt(2 / (1 + 5)) * sqrt(3 / fan_in)
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
 @torch.no_grad()
