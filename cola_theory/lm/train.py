@@ -172,24 +172,23 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
                              split_validation_as_train=split_validation_as_train)
     model, tok, note = model_bundle or load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype, device))
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if model_bundle else None
-    enc = {split: [scoring.encode_example(tok, ex, cfg.max_length) for ex in exs] for split, exs in sample.items()}
-    lengths = [e.max_len for e in enc["train"]] if cfg.group_by_length else None
-    batch_idx, steps_per_epoch = make_batches(len(enc["train"]), cfg.batch_size, cfg.seed, lengths)
-    chain_cfg = chain_cfg_ = cfg.chain_config(steps_per_epoch)
-    labels_dev = None if not cfg.eval_dev else enc.get("dev")
+    train = [scoring.encode_example(tok, ex, cfg.max_length) for ex in sample["train"]]  # dev/test: accuracy()
+    lengths = [e.max_len for e in train] if cfg.group_by_length else None
+    batch_idx, steps_per_epoch = make_batches(len(train), cfg.batch_size, cfg.seed, lengths)
+    chain_cfg = cfg.chain_config(steps_per_epoch)
 
     def batch_fn(t: int):
         idx = batch_idx(t)
         if not ddp:
-            return scoring.collate([enc["train"][i] for i in idx], pad_id=tok.pad_token_id or 0)
+            return scoring.collate([train[i] for i in idx], pad_id=tok.pad_token_id or 0)
         lo, hi = _shard_bounds(len(idx), me.rank, me.world_size)  # weight: DDP's mean of means = global mean
         mine = idx[lo:hi] or idx[:1]  # an empty share still runs (weight 0) so that every rank joins the all-reduce
-        return {"batch": scoring.collate([enc["train"][i] for i in mine], pad_id=tok.pad_token_id or 0),
+        return {"batch": scoring.collate([train[i] for i in mine], pad_id=tok.pad_token_id or 0),
                 "weight": (hi - lo) * me.world_size / len(idx)}
 
     def loss_fn(m, batch):
         weight, batch = (batch["weight"], batch["batch"]) if ddp else (1.0, batch)
-        return weight * scoring.classification_loss(scoring.candidate_logprobs(m, batch), batch["labels"])
+        return weight * scoring.candidate_loss(m, batch)
 
     def accuracy(m, split: str) -> float:
         return scoring.evaluate_accuracy(m, tok, sample[split], cfg.eval_batch_size, max_length=cfg.max_length)
@@ -200,7 +199,7 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
         metrics["zero_shot_test_acc"] = accuracy(model, "test")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    backend = PeftChainBackend(model, chain_cfg_, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
+    backend = PeftChainBackend(model, chain_cfg, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
                                fp32_master=cfg.fp32_master, device=device, ddp=ddp)
     ckpt_cls = dist_mod.RankZeroCheckpointer if ddp else KnotCheckpointer
     ckpt = ckpt_cls(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
@@ -213,7 +212,7 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     if result.status == "finished":
         t_eval = time.perf_counter()
         metrics["test_acc"] = accuracy(peft_model, "test")
-        if labels_dev:
+        if cfg.eval_dev and sample["dev"]:
             metrics["dev_acc"] = accuracy(peft_model, "dev")
         metrics["eval_time_s"] = time.perf_counter() - t_eval
     if device.startswith("cuda"):
