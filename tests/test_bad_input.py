@@ -155,6 +155,9 @@ CASES = [  # (id, function, args, kwargs, substrings the message must contain)
     ("lm-link-epochs", _lm, (), {"epochs": 5.0, "link_epochs": (3.0, 1.0)},
      ["LMRunConfig.link_epochs=(3.0, 1.0)", "must sum to epochs=5.0"]),
     ("lm-dtype", _lm, (), {"dtype": "int8"}, ["LMRunConfig.dtype='int8'", "auto, float32, bfloat16 or float16"]),
+    ("lm-compile", _lm, (), {"compile": "fast"}, ["LMRunConfig.compile='fast'", "'off' or a torch.compile mode",
+                                                   "'reduce-overhead'"]),
+    ("lm-pad", _lm, (), {"pad_to_multiple_of": -8}, ["LMRunConfig.pad_to_multiple_of=-8", ">= 0 (0 = no padding)"]),
     ("lm-lr", _lm_chain, (), {"lr": -1.0}, ["ChainConfig.lr=-1.0", "finite number > 0"]),
     ("lm-reset", _lm_chain, (), {"optimizer_reset": "half"}, ["optimizer_reset='half'", "use one of"]),
     # -- checkpointer, backend, data-parallel shards
@@ -163,6 +166,7 @@ CASES = [  # (id, function, args, kwargs, substrings the message must contain)
     ("backend-clip", _backend, (), {"max_grad_norm": 0.0}, ["max_grad_norm=0.0", "> 0 or None"]),
     ("backend-autocast", _backend, (), {"autocast_dtype": torch.float64},
      ["autocast_dtype=torch.float64", "torch.bfloat16, torch.float16"]),
+    ("backend-compile", _backend, (), {"compile": True}, ["compile=True is invalid", "None (eager)", "'default'"]),
     ("backend-ddp-no-group", _backend, (), {"ddp": True}, ["ddp=True", "torchrun", "init_from_env()"]),
     ("backend-rank>layer", _run_backend, (ChainConfig(total_steps=2, rank=64),), {},
      ["rank=64 exceeds min(m, n) = 32", "use a smaller rank"]),

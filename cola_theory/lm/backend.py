@@ -42,6 +42,7 @@ from cola_theory.lm.lora_ops import (
     reinit_,
     trainable_link_parameters,
 )
+from cola_theory.lm.train import COMPILE_MODES
 from cola_theory.matrix_backend import link_generator
 from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
 
@@ -76,6 +77,13 @@ class PeftChainBackend:
     fp32_master: fold into float32 copies of the adapted weights (for bf16/fp16 bases, no rounding drift).
     autocast_dtype: e.g. torch.bfloat16 to run forward/backward under torch.autocast.
     keep_original: keep a CPU copy of the adapted weights W_0 (for `delta()` and export checks).
+    compile: None (eager) or a torch.compile mode of `COMPILE_MODES`, applied in place to the adapted model
+      (`nn.Module.compile`: same module, same state_dict keys, so checkpoints and export are unchanged).
+      W, A and B enter the graph as inputs and knots fold / re-draw them in place, so a knot recompiles nothing
+      and CUDA graphs (mode "reduce-overhead") replay over the same addresses; only a rank step-down recompiles.
+      A second input shape recompiles once with dynamic shapes, but CUDA graphs record one graph per distinct
+      shape: pad batches to a few lengths (`collate(pad_to_multiple_of=...)`, `LMRunConfig.pad_to_multiple_of`).
+    compile_backend: torch.compile backend ("inductor"; "aot_eager" checks graph capture without code generation).
     """
 
     def __init__(
@@ -94,6 +102,8 @@ class PeftChainBackend:
         lora_dropout: float = 0.0,
         keep_original: bool = True,
         ddp: bool = False,
+        compile: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         if isinstance(model, PeftModel):
             raise ValueError("model is already a PeftModel; pass the plain base model (the backend adds the adapter)")
@@ -101,6 +111,9 @@ class PeftChainBackend:
             raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: need > 0 or None")
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype={autocast_dtype!r} is invalid: use None, torch.bfloat16, torch.float16")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r} is invalid: use None (eager) or a torch.compile mode "
+                             f"{COMPILE_MODES}")
         if ddp and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("ddp=True needs an initialised torch.distributed process group: launch with torchrun "
                              "(or accelerate launch) and call cola_theory.lm.distributed.init_from_env() first")
@@ -117,6 +130,7 @@ class PeftChainBackend:
         self.t, self.link, self.rank, self.active = 0, -1, 0, False
         self.ddp, self.mean_loss = ddp, ddp  # mean_loss: the reported step loss is the mean over ranks
         self.wrapped: nn.Module | None = None  # the DDP wrapper (forward/backward only)
+        self.compile, self.compile_backend = compile, compile_backend
 
     # -- setup -------------------------------------------------------------------------------------
     def _attach(self, rank: int) -> None:
@@ -126,7 +140,17 @@ class PeftChainBackend:
             self.original = {n: w.detach().cpu().clone() for n, w in base_weights(self.model).items()}
         if self.fp32_master:
             self.master = make_master(self.model)
+        if self.compile is not None:
+            mode = None if self.compile == "default" else self.compile
+            self.model.compile(mode=mode, backend=self.compile_backend)
         self.rank = rank
+
+    @property
+    def cudagraphs(self) -> bool:
+        """True when the compiled model replays CUDA graphs (a compile mode that captures them, on CUDA)."""
+        captures = self.compile in ("reduce-overhead", "max-autotune") or self.compile_backend == "cudagraphs"
+        dev = self.device or next(self.model.parameters()).device
+        return self.compile is not None and captures and torch.device(dev).type == "cuda"
 
     @property
     def layer_names(self) -> list[str]:
@@ -176,6 +200,8 @@ class PeftChainBackend:
         model.train()
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cudagraphs:  # a new training iteration: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             loss = self.loss_fn(model, batch)
         loss.backward()

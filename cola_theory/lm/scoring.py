@@ -185,8 +185,9 @@ def predict(scores: Tensor) -> Tensor:
 
 @torch.no_grad()
 def score_examples(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8,
-                   max_length: int = 2048) -> Tensor:
-    """(n, max_candidates) scores for `examples` in their order; batches are formed by length (less padding)."""
+                   max_length: int = 2048, pad_to_multiple_of: int | None = None) -> Tensor:
+    """(n, max_candidates) scores for `examples` in their order; batches are formed by length (less padding);
+    `pad_to_multiple_of` rounds each batch's length up (few shapes for compiled models / CUDA graphs)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
@@ -199,7 +200,8 @@ def score_examples(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Ex
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            scores = candidate_logprobs(model, collate([encoded[i] for i in chunk], pad_id=pad_id)).cpu()
+            batch = collate([encoded[i] for i in chunk], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+            scores = candidate_logprobs(model, batch).cpu()
             out[chunk, :scores.shape[1]] = scores
     finally:
         model.train(was_training)
@@ -207,10 +209,10 @@ def score_examples(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Ex
 
 
 def evaluate_accuracy(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8,
-                      max_length: int = 2048) -> float:
+                      max_length: int = 2048, pad_to_multiple_of: int | None = None) -> float:
     """Accuracy of argmax-of-mean-log-prob predictions (MeZO's metric, MultiRC per answer), without gradients."""
     if not examples:
         raise ValueError("evaluate_accuracy needs at least one example")
-    preds = predict(score_examples(model, tokenizer, examples, batch_size, max_length))
+    preds = predict(score_examples(model, tokenizer, examples, batch_size, max_length, pad_to_multiple_of))
     gold = torch.tensor([ex.label for ex in examples])
     return float((preds == gold).float().mean())

@@ -19,6 +19,8 @@ from cola_theory.config import ChainConfig, knots_from_epochs
 from cola_theory.results import environment_meta, save_result
 
 METHODS = ("lora", "cola")
+# torch.compile modes; "reduce-overhead" and "max-autotune" also capture CUDA graphs (on a CUDA device)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class LMRunConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16"
     checkpoint_every: int = 0  # also checkpoint every k steps (knots are always checkpointed)
     group_by_length: bool = True  # batches of similar length (less padding); False: plain shuffled batches
+    # speed only (same math; with dropout, other shapes or compiled code draw other masks of the same law):
+    # torch.compile mode of the adapted model ("off" = eager; see PeftChainBackend),
+    # and padding of every batch to a multiple of this many tokens (0 = none) so that compiled code and
+    # CUDA graphs see a few shapes; 0 with a CUDA-graph mode ("reduce-overhead", "max-autotune") means 64
+    compile: str = "off"
+    pad_to_multiple_of: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +75,14 @@ class LMRunConfig:
                 raise ValueError(f"LMRunConfig.{name}={getattr(self, name)!r} must be >= 1")
         if self.epochs <= 0:
             raise ValueError(f"LMRunConfig.epochs={self.epochs!r} must be > 0")
+        if self.compile != "off" and self.compile not in COMPILE_MODES:
+            raise ValueError(f"LMRunConfig.compile={self.compile!r}: use 'off' or a torch.compile mode "
+                             f"{COMPILE_MODES}")
+        if self.pad_to_multiple_of < 0:
+            raise ValueError(f"LMRunConfig.pad_to_multiple_of={self.pad_to_multiple_of!r} must be >= 0 "
+                             "(0 = no padding)")
+        if self.pad_to_multiple_of == 0 and self.compile in ("reduce-overhead", "max-autotune"):
+            object.__setattr__(self, "pad_to_multiple_of", 64)  # one CUDA graph per length bucket
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"LMRunConfig.dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
 
@@ -177,13 +193,15 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     batch_idx, steps_per_epoch = make_batches(len(train), cfg.batch_size, cfg.seed, lengths)
     chain_cfg = cfg.chain_config(steps_per_epoch)
 
+    pad_id, multiple = tok.pad_token_id or 0, cfg.pad_to_multiple_of or None
+
     def batch_fn(t: int):
         idx = batch_idx(t)
         if not ddp:
-            return scoring.collate([train[i] for i in idx], pad_id=tok.pad_token_id or 0)
+            return scoring.collate([train[i] for i in idx], pad_id=pad_id, pad_to_multiple_of=multiple)
         lo, hi = _shard_bounds(len(idx), me.rank, me.world_size)  # weight: DDP's mean of means = global mean
         mine = idx[lo:hi] or idx[:1]  # an empty share still runs (weight 0) so that every rank joins the all-reduce
-        return {"batch": scoring.collate([train[i] for i in mine], pad_id=tok.pad_token_id or 0),
+        return {"batch": scoring.collate([train[i] for i in mine], pad_id=pad_id, pad_to_multiple_of=multiple),
                 "weight": (hi - lo) * me.world_size / len(idx)}
 
     def loss_fn(m, batch):
@@ -191,7 +209,8 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
         return weight * scoring.candidate_loss(m, batch)
 
     def accuracy(m, split: str) -> float:
-        return scoring.evaluate_accuracy(m, tok, sample[split], cfg.eval_batch_size, max_length=cfg.max_length)
+        return scoring.evaluate_accuracy(m, tok, sample[split], cfg.eval_batch_size, max_length=cfg.max_length,
+                                         pad_to_multiple_of=cfg.pad_to_multiple_of or None)
 
     metrics: dict[str, Any] = {"model_note": note, "sizes": {k: len(v) for k, v in sample.items()},
                                "steps_per_epoch": steps_per_epoch, "total_steps": chain_cfg.total_steps}
@@ -200,7 +219,8 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     backend = PeftChainBackend(model, chain_cfg, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
-                               fp32_master=cfg.fp32_master, device=device, ddp=ddp)
+                               fp32_master=cfg.fp32_master, device=device, ddp=ddp,
+                               compile=None if cfg.compile == "off" else cfg.compile)
     ckpt_cls = dist_mod.RankZeroCheckpointer if ddp else KnotCheckpointer
     ckpt = ckpt_cls(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
     t_train = time.perf_counter()

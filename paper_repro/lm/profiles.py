@@ -32,6 +32,11 @@ STEPDOWN_RANKS = (2, 4, 6, 8)
 MAIN_LINKS = 3  # chain length of COLA in the main tables is [U]; 3 is the largest length in Table 4
 
 
+# LMRunConfig fields added after results were published, with their defaults: at the default they stay out of
+# the job id's digest, so earlier result files keep their names (and `runner.existing_result` fills them in)
+LATE_FIELDS = {"compile": "off", "pad_to_multiple_of": 0}
+
+
 @dataclass(frozen=True)
 class LMJob:
     """One LM run: its config, the groups (paper artefacts) it feeds, and its result file under results/lm/."""
@@ -44,7 +49,8 @@ class LMJob:
         """`<model>/<task>/<method>-L<links>-r<ranks>-lr<lr>-s<seed>-<config hash>`: stable, unique per config."""
         c = self.cfg
         ranks = "-".join(map(str, c.rank)) if isinstance(c.rank, tuple) else str(c.rank)
-        digest = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        fields = {k: v for k, v in c.to_dict().items() if not (k in LATE_FIELDS and v == LATE_FIELDS[k])}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
         model = c.model.replace("/", "_")
         return f"{model}/{c.task}/{c.method}-L{c.n_links}-r{ranks}-lr{c.lr:g}-s{c.seed}-{digest}"
 

@@ -85,6 +85,9 @@ def existing_result(job: LMJob, results_dir: Path, log: Callable[[str], None]) -
     if payload is None:
         return None
     saved = {k: v for k, v in payload["config"].items() if k != "chain"}
+    # a field added to LMRunConfig after the file was written: the file was made with that field's default
+    defaults = _jsonable(type(job.cfg)().to_dict())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     if saved != _jsonable(job.cfg.to_dict()):
         log(f"[lm] {path} was made with another config -> recomputing")
         return None
