@@ -117,7 +117,7 @@ def ddp_config(rank=(4, 2, 2)) -> ChainConfig:
 
 
 # -- DDP ---------------------------------------------------------------------------------------------------
-def ddp(out: str, rank: Any = (4, 2, 2), stop_at: int = 0, resume: bool = False) -> None:
+def ddp(out: str, rank: Any = (4, 2, 2), stop_at: int = 0, resume: bool = False, compile: str | None = None) -> None:
     """A 2+-rank DDP chain; after every knot gathers W, A, B of all ranks to compare them bitwise (an independent
     check of the backend's own hash check). stop_at > 0 stops cleanly after that many steps (then resume=True
     continues from the rank-0 checkpoints)."""
@@ -130,7 +130,7 @@ def ddp(out: str, rank: Any = (4, 2, 2), stop_at: int = 0, resume: bool = False)
     cfg = ddp_config(tuple(rank) if isinstance(rank, list) else rank)
     torch.manual_seed(100 + me.rank)  # different global RNG per rank: nothing may depend on it
     b = PeftChainBackend(tiny_model("opt"), cfg, shard_batch_fn(global_batch_fn()), lm_loss,
-                         target_modules=TARGETS, ddp=True)
+                         target_modules=TARGETS, ddp=True, compile=compile, compile_backend="aot_eager")
     checks: list[dict] = []
     tie = b.tie_knot
 

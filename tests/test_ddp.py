@@ -76,6 +76,17 @@ def test_every_knot_is_bitwise_identical_on_both_ranks_and_matches_one_process(d
     assert [h["reset_fraction"] for h in knots] == [0.0, 1.0]  # rank 4 -> 2: a new optimizer; 2 -> 2: full reset
 
 
+def test_compiled_model_under_ddp_matches_one_eager_process(tmp_path):
+    """torch.compile (aot_eager graph capture) inside the DDP wrapper: the same chain as one eager process."""
+    launch_ok("ddp", 2, tmp_path, compile="default")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(c["identical"] for r in ranks for c in r["checks"]) and ranks[0]["digest"] == ranks[1]["digest"]
+    ref_backend, _ = one_process(w.ddp_config())
+    expect, got = w.chain_tensors(ref_backend.model), load_file(str(tmp_path / "final.safetensors"))
+    for k in expect:
+        torch.testing.assert_close(got[k], expect[k], atol=ATOL, rtol=RTOL, msg=k)
+
+
 def test_resume_from_rank0_checkpoints_is_exact_even_past_a_corrupt_one(ddp_run, tmp_path):
     _, ranks = ddp_run
     launch_ok("ddp", 2, tmp_path, stop_at=5)  # checkpoints at t=2, 3 (knot), 4; stopped after step 5
