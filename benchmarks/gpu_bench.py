@@ -3,12 +3,15 @@
 ONE prepared script (< 8 minutes on an H200) that measures, through the package's own path
 (PeftChainBackend + run_chain + batched candidate scoring), for LoRA (1 link) and COLA (3 links):
 training tokens/s, model FLOP utilisation against the MEASURED bf16 matmul peak, peak memory, time per knot,
-evaluation examples/s, our step vs a PEFT + transformers.Trainer step on the same batch, and the projected wall
-time of the paper's Table 1 grid (7 tasks x 2 methods x 5 seeds x 5 learning rates, MeZO sizes, 5 epochs) from
+evaluation examples/s, our step vs a PEFT + transformers.Trainer step on the same batch, COLA with the optional
+torch.compile (and, on CUDA, CUDA graphs: mode "reduce-overhead") against eager - step time, one-off compile cost,
+the run length from which it pays, and graphs compiled after the warm-up (knots must add none) - and the projected
+wall time of the paper's Table 1 grid (7 tasks x 2 methods x 5 seeds x 5 learning rates, MeZO sizes, 5 epochs) from
 the per-task token lengths in benchmarks/results/task_lengths.json. Speed does not depend on weight values.
 
     python benchmarks/gpu_bench.py                 # paper size (needs CUDA)
     python benchmarks/gpu_bench.py --size tiny     # CPU, seconds: used by tests/test_benchmarks.py
+    python benchmarks/gpu_bench.py --no-compile    # skip the torch.compile / CUDA-graph variants
 Writes <out>/gpu_bench.json and <out>/gpu_bench.md.
 """
 
@@ -82,6 +85,11 @@ SHAPES = {
     "cpu": {"small-opt": (8, 64), "small-llama": (8, 64)},
 }
 STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3), "cpu": (3, 30, 12)}  # (warm-up, timed chain steps, Trainer steps)
+# torch.compile variants of COLA: (label, mode); CUDA graphs only exist on CUDA
+COMPILE_VARIANTS = {"cuda": (("compile", "default"), ("cuda-graphs", "reduce-overhead")),
+                    "cpu": (("compile", "default"),)}
+# tiny (the test's size) checks graph capture without a C++ build; the measured sizes use inductor
+COMPILE_BACKEND = {"paper": "inductor", "cpu": "inductor", "tiny": "aot_eager"}
 LR_GRID, SEEDS, EPOCHS = 5, 5, 5
 
 
@@ -142,7 +150,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_model(name: str, size: str, device: str, peak: float) -> dict:
+def bench_model(name: str, size: str, device: str, peak: float, compile_variants: bool = True) -> dict:
     from cola_theory.lm.backend import PeftChainBackend
     from cola_theory.lm.scoring import candidate_logprobs, classification_loss, collate
 
@@ -158,25 +166,37 @@ def bench_model(name: str, size: str, device: str, peak: float) -> dict:
         return classification_loss(candidate_logprobs(m, batch), batch["labels"])
 
     out: dict = {"model": name, "batch_examples": B, "seq_len": L, "tokens_per_step": tokens_per_step}
-    for method, links in (("lora", 1), ("cola", 3)):
+    variants = [(m, m, None) for m in ("lora", "cola")]
+    if compile_variants:
+        variants += [(f"cola_{label}", "cola", mode) for label, mode in COMPILE_VARIANTS[device]]
+    for key, method, mode in variants:
+        links = 3 if method == "cola" else 1
+        torch._dynamo.reset()
         model = build(name, device, dtype)
         fpt = flops_per_token(model, L, 8, 2 * model.config.num_hidden_layers, model.config.hidden_size)
         # warm-up steps belong to link 0; COLA's two knots fall inside the timed window
         knots = (warm + steps // 3, warm + 2 * steps // 3) if links == 3 else ()
         cfg = ChainConfig(total_steps=steps + warm, n_links=links, knots=knots, rank=8, alpha=16, lr=1e-4)
-        backend = PeftChainBackend(model, cfg, lambda t: batches[t % 4], loss_fn, device=device, keep_original=False)
-        step_s, knot_s = timed_chain(backend, cfg, warm, device)
-        out[method] = {
-            "step_s": step_s,
+        backend = PeftChainBackend(model, cfg, lambda t: batches[t % 4], loss_fn, device=device, keep_original=False,
+                                   compile=mode, compile_backend=COMPILE_BACKEND[size])
+        timing = timed_chain(backend, cfg, warm, device)
+        step_s = timing["step_s"]
+        out[key] = {
+            **timing,
             "tokens_per_s": tokens_per_step / step_s,
             "mfu": fpt * tokens_per_step / step_s / (peak * 1e12) if peak == peak else None,
-            "knot_s": knot_s,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         }
-        if method == "lora":
+        if mode is not None:
+            eager = out["cola"]
+            saved = eager["step_s"] - step_s  # per step
+            extra = timing["warm_s"] - eager["warm_s"]  # one-off: compilation (and CUDA-graph recording)
+            out[key].update(mode=mode, backend=COMPILE_BACKEND[size], speedup=eager["step_s"] / step_s,
+                            compile_s=extra, pays_after_steps=extra / saved if saved > 0 else None)
+        if key == "lora":
             out["eval_examples_per_s"] = eval_speed(backend.model, data, B * 2, device)
             out["trainer_step_s"] = trainer_step(name, device, dtype, batches, loss_fn, trainer_steps)
-        else:
+        elif key == "cola":
             out["rewrap_knot_s"] = rewrap_knot(name, device, dtype)
         del backend, model
         gc.collect()
@@ -190,8 +210,15 @@ def bench_model(name: str, size: str, device: str, peak: float) -> dict:
     return out
 
 
-def timed_chain(backend, cfg: ChainConfig, warm: int, device: str) -> tuple[float, float | None]:
-    """run_chain with the timed window after `warm` steps: (seconds per step, mean seconds per knot)."""
+def graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def timed_chain(backend, cfg: ChainConfig, warm: int, device: str) -> dict:
+    """run_chain with the timed window after `warm` steps: seconds per step, mean seconds per knot, seconds of
+    the warm-up (compilation included), graphs compiled inside the timed window (knots included)."""
     marks: dict[str, float] = {}
     knot_times: list[float] = []
     tie, extend = backend.tie_knot, backend.extend
@@ -211,14 +238,17 @@ def timed_chain(backend, cfg: ChainConfig, warm: int, device: str) -> tuple[floa
         if t == warm:
             sync(device)
             marks["start"] = time.perf_counter()
+            marks["graphs"] = graph_count()
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
     backend.tie_knot, backend.extend = timed_tie, timed_extend
+    t0 = time.perf_counter()
     run_chain(backend, cfg, on_step=on_step, log_every=cfg.total_steps)
     sync(device)
-    step_s = (time.perf_counter() - marks["start"]) / (cfg.total_steps - warm)
-    return step_s, (sum(knot_times) / len(knot_times) if knot_times else None)
+    return {"step_s": (time.perf_counter() - marks["start"]) / (cfg.total_steps - warm),
+            "knot_s": sum(knot_times) / len(knot_times) if knot_times else None,
+            "warm_s": marks["start"] - t0, "new_graphs": graph_count() - marks["graphs"]}
 
 
 @torch.no_grad()
@@ -360,7 +390,25 @@ def markdown(report: dict) -> str:
             f"{fmt(r.get('rewrap_knot_s'), '.4f')} | {r['eval_examples_per_s']:.0f} | "
             f"{fmt(r.get('projection', {}).get('grid_gpu_hours'), '.2f')} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + compile_markdown(report)) + "\n"
+
+
+def compile_markdown(report: dict) -> list[str]:
+    """The torch.compile / CUDA-graph table (empty when the report has no compiled variants)."""
+    rows = [(r, k, r[k]) for r in report["models"] for k in r if k.startswith("cola_") and isinstance(r[k], dict)]
+    if not rows:
+        return []
+    fmt = lambda v, f: "-" if v is None or v != v else format(v, f)
+    lines = ["", "COLA (3 links) compiled vs eager: step time, one-off compile cost (warm-up minus eager warm-up), "
+             "the run length from which compiling pays, and graphs compiled after the warm-up (knots must add none).",
+             "", "| model | variant (mode, backend) | step s | eager step s | speedup | compile s | pays after steps "
+             "| new graphs in timed window | peak mem GB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r, key, x in rows:
+        lines.append(f"| {r['model']} | {key[5:]} ({x['mode']}, {x['backend']}) | {x['step_s']:.4f} | "
+                     f"{r['cola']['step_s']:.4f} | {x['speedup']:.2f}x | {x['compile_s']:.1f} | "
+                     f"{fmt(x['pays_after_steps'], '.0f') if x['pays_after_steps'] else 'never'} | "
+                     f"{x['new_graphs']} | {fmt(x['peak_mem_gb'], '.1f')} |")
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -368,6 +416,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", choices=("paper", "cpu", "tiny"), default="paper")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--models", default=None, help="comma list (default: both paper models, or both tiny ones)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile / CUDA-graph variants")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.size == "paper" and device != "cuda":
@@ -380,7 +429,7 @@ def main(argv=None) -> dict:
     report = {"size": args.size, "peak_tflops": peak, "models": [], "meta": environment_meta(device=device)}
     for name in names:
         t = time.perf_counter()
-        res = bench_model(name, args.size, device, peak)
+        res = bench_model(name, args.size, device, peak, compile_variants=not args.no_compile)
         res["projection"] = project_grid(res, lengths)
         res["bench_s"] = time.perf_counter() - t
         report["models"].append(res)

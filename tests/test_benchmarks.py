@@ -18,4 +18,8 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
         assert row[method]["tokens_per_s"] > 0 and row[method]["step_s"] > 0
     assert row["cola"]["knot_s"] > 0 and row["rewrap_knot_s"] > 0 and row["trainer_step_s"] > 0
     assert row["eval_examples_per_s"] > 0 and row["projection"]["grid_gpu_hours"] > 0
-    assert "COLA/LoRA time" in (tmp_path / "gpu_bench_tiny.md").read_text()
+    compiled = row["cola_compile"]  # torch.compile variant (aot_eager at this size): measured, and no recompiles
+    assert compiled["step_s"] > 0 and compiled["compile_s"] > 0 and compiled["speedup"] > 0
+    assert compiled["new_graphs"] == 0  # the two knots inside the timed window compiled nothing new
+    md = (tmp_path / "gpu_bench_tiny.md").read_text()
+    assert "COLA/LoRA time" in md and "compile (default, aot_eager)" in md
