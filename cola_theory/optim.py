@@ -17,7 +17,10 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: ChainConfig) -> to
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # the fused kernel (as transformers.Trainer's default adamw_torch_fused): one kernel for all factors, the same
+    # update rule; the optimizer of a link holds a few dozen small tensors, where per-tensor dispatch dominates
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
