@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cola_theory.chain import run_chain
-from cola_theory.config import ChainConfig
+from cola_theory.config import ChainConfig, link_plan, lr_at
 from cola_theory.results import atomic_write_text, environment_meta
 
 HERE = Path(__file__).resolve().parent
@@ -86,7 +86,6 @@ SHAPES = {
     "cpu": {"small-opt": (8, 64), "small-llama": (8, 64)},
 }
 STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3), "cpu": (3, 30, 12)}  # (warm-up, timed chain steps, Trainer steps)
-REPEATS = {"paper": 1, "tiny": 1, "cpu": 3}  # turns of (LoRA, COLA, Trainer); an H200 is steady, a shared CPU not
 # torch.compile variants of COLA: (label, mode); CUDA graphs only exist on CUDA
 COMPILE_VARIANTS = {"cuda": (("compile", "default"), ("cuda-graphs", "reduce-overhead")),
                     "cpu": (("compile", "default"),)}
@@ -167,8 +166,7 @@ def bench_model(name: str, size: str, device: str, peak: float, compile_variants
     def loss_fn(m, batch):
         return classification_loss(candidate_logprobs(m, batch), batch["labels"])
 
-    out: dict = {"model": name, "batch_examples": B, "seq_len": L, "tokens_per_step": tokens_per_step,
-                 "repeats": REPEATS[size]}
+    out: dict = {"model": name, "batch_examples": B, "seq_len": L, "tokens_per_step": tokens_per_step}
 
     def measure(method: str, mode: str | None) -> dict:
         """One fresh model, one timed chain (LoRA: 1 link, COLA: 3), eager or compiled with `mode`."""
@@ -193,20 +191,25 @@ def bench_model(name: str, size: str, device: str, peak: float, compile_variants
             torch.cuda.empty_cache()
         return res
 
-    # LoRA, COLA and the Trainer measured in turns, `repeats` times: the ratios are medians of per-turn ratios,
-    # so a slow phase of a shared machine hits both sides of a ratio alike
-    turns = []
-    for _ in range(REPEATS[size]):
-        turns.append({"lora": measure("lora", None), "cola": measure("cola", None),
-                      "trainer_step_s": trainer_step(name, device, dtype, batches, loss_fn, trainer_steps)})
-    for key in ("lora", "cola"):
-        runs = sorted((x[key] for x in turns), key=lambda r: r["step_s"])
-        out[key] = {**runs[len(runs) // 2], "step_s_turns": [x[key]["step_s"] for x in turns]}
-    out["trainer_step_s"] = statistics.median(x["trainer_step_s"] for x in turns)
-    out["cola_over_lora_time"] = statistics.median(x["cola"]["step_s"] / x["lora"]["step_s"] for x in turns)
-    out["ours_over_trainer_speed"] = statistics.median(x["trainer_step_s"] / x["lora"]["step_s"] for x in turns)
+    # separate runs (one model each): tokens/s, MFU, peak memory, knot time, warm-up
+    out["lora"], out["cola"] = measure("lora", None), measure("cola", None)
     if out["lora"]["peak_mem_gb"]:
         out["cola_over_lora_mem"] = out["cola"]["peak_mem_gb"] / out["lora"]["peak_mem_gb"]
+
+    # the two speed ratios, each measured PAIRED (both sides in turn, step by step, in one window)
+    def make(cfg):
+        return PeftChainBackend(build(name, device, dtype), cfg, lambda t: batches[t % 4], loss_fn, device=device,
+                                keep_original=False)
+
+    out["paired"] = paired_chain(make, warm, steps, device)
+    out["cola_over_lora_time"] = out["paired"]["cola_over_lora_time"]
+    ours = make(ChainConfig(total_steps=trainer_steps + 2, rank=8, alpha=16, lr=1e-4))
+    ours.extend(link_plan(ours.cfg)[0])
+    out["trainer"] = trainer_vs_ours(name, device, dtype, batches, loss_fn, trainer_steps, ours)
+    del ours
+    gc.collect()
+    out["trainer_step_s"] = out["trainer"]["trainer_step_s"]
+    out["ours_over_trainer_speed"] = out["trainer"]["trainer_step_s"] / out["trainer"]["ours_step_s"]
     out["rewrap_knot_s"] = rewrap_knot(name, device, dtype)
     out["flops_per_token"] = out["lora"]["flops_per_token"]
     for label, mode in COMPILE_VARIANTS[device] if compile_variants else ():
@@ -288,8 +291,11 @@ def eval_speed(model, data, batch_size: int, device: str) -> float:
     return len(data) / (time.perf_counter() - t)
 
 
-def trainer_step(name, device, dtype, batches, loss_fn, steps: int) -> float:
-    """Seconds per step of plain PEFT LoRA (get_peft_model, r=8, q/v) in a transformers.Trainer, same batches."""
+def trainer_vs_ours(name, device, dtype, batches, loss_fn, steps: int, ours) -> dict:
+    """Plain PEFT LoRA (get_peft_model, r=8, q/v) in a transformers.Trainer, same batches, PAIRED with our step:
+    after every Trainer step (on_step_end) one step of `ours` (an extended LoRA PeftChainBackend on its own model)
+    runs and is timed; the Trainer's step is the on_step_begin-to-on_step_begin interval minus ours. Medians
+    after two warm-up steps: {"trainer_step_s", "ours_step_s"}."""
     import tempfile
 
     from peft import LoraConfig, get_peft_model
@@ -310,12 +316,20 @@ def trainer_step(name, device, dtype, batches, loss_fn, steps: int) -> float:
         def compute_loss(self, model, inputs, return_outputs=False, **kw):
             return loss_fn(model, inputs)
 
-    times: list[float] = []
+    begins: list[float] = []
+    mine: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             sync(device)
-            times.append(time.perf_counter())
+            begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            t0 = time.perf_counter()
+            ours.step(1e-4)
+            sync(device)
+            mine.append(time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -335,9 +349,58 @@ def trainer_step(name, device, dtype, batches, loss_fn, steps: int) -> float:
             model=model, args=args, train_dataset=Batches(), data_collator=lambda xs: xs[0], callbacks=[Clock()]
         )
         trainer.train()
-    sync(device)
-    times.append(time.perf_counter())
-    return statistics.median(b - a for a, b in zip(times[2:], times[3:]))  # after two warm-up steps; as step_s
+    trainer_s = [b - a - m for a, b, m in zip(begins[2:], begins[3:], mine[2:])]
+    del trainer, model
+    gc.collect()
+    return {"trainer_step_s": statistics.median(trainer_s), "ours_step_s": statistics.median(mine[2:])}
+
+
+def paired_chain(make, warm: int, steps: int, device: str) -> dict:
+    """LoRA (1 link) and COLA (3 links, both knots inside the timed window) on two models in memory, stepped in
+    turn: COLA runs through run_chain and after each of its steps one LoRA step runs (timed on its own). A slow
+    phase of a shared machine then hits both alike. COLA's step: median of its intervals without a knot + all
+    knot time / timed steps; LoRA's: the median of its steps."""
+    lora = make(ChainConfig(total_steps=steps + warm, n_links=1, rank=8, alpha=16, lr=1e-4))
+    cfg = ChainConfig(total_steps=steps + warm, n_links=3, knots=(warm + steps // 3, warm + 2 * steps // 3),
+                      rank=8, alpha=16, lr=1e-4)
+    cola = make(cfg)
+    (lora_link,) = link_plan(lora.cfg)
+    lora.extend(lora_link)
+    t_lora: list[float] = []
+    t_cola: list[float] = []
+    knots: list[float] = []
+    mark: dict[str, float] = {}
+    tie, extend = cola.tie_knot, cola.extend
+
+    def timed_tie():
+        sync(device)
+        mark["knot"] = time.perf_counter()
+        tie()
+
+    def timed_extend(link):
+        extend(link)
+        if "knot" in mark and link.index >= 1:
+            sync(device)
+            knots.append(time.perf_counter() - mark.pop("knot"))
+            mark["knot_in_interval"] = knots[-1]
+
+    def on_step(t, link):  # COLA finished step t: time it, then one LoRA step
+        sync(device)
+        now = time.perf_counter()
+        if "end" in mark and t > warm:
+            t_cola.append(now - mark["end"] - mark.pop("knot_in_interval", 0.0))
+        mark.pop("knot_in_interval", None)
+        lora.step(lr_at(lora.cfg, t - 1, lora_link))
+        sync(device)
+        mark["end"] = time.perf_counter()
+        if t > warm:
+            t_lora.append(mark["end"] - now)
+
+    cola.tie_knot, cola.extend = timed_tie, timed_extend
+    run_chain(cola, cfg, on_step=on_step, log_every=cfg.total_steps)
+    lora_s = statistics.median(t_lora)
+    cola_s = statistics.median(t_cola) + sum(knots) / steps
+    return {"lora_step_s": lora_s, "cola_step_s": cola_s, "cola_over_lora_time": cola_s / lora_s}
 
 
 def rewrap_knot(name: str, device: str, dtype: torch.dtype, repeats: int = 2) -> float:

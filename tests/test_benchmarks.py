@@ -17,6 +17,10 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     for method in ("lora", "cola"):
         assert row[method]["tokens_per_s"] > 0 and row[method]["step_s"] > 0
     assert row["cola"]["knot_s"] > 0 and row["rewrap_knot_s"] > 0 and row["trainer_step_s"] > 0
+    # the two ratios come from paired (step-by-step alternating) measurements
+    assert row["paired"]["lora_step_s"] > 0 and row["paired"]["cola_step_s"] > 0
+    assert row["cola_over_lora_time"] == row["paired"]["cola_step_s"] / row["paired"]["lora_step_s"]
+    assert row["trainer"]["ours_step_s"] > 0 and row["trainer"]["trainer_step_s"] > 0
     assert row["eval_examples_per_s"] > 0 and row["projection"]["grid_gpu_hours"] > 0
     compiled = row["cola_compile"]  # torch.compile variant (aot_eager at this size): measured, and no recompiles
     assert compiled["step_s"] > 0 and compiled["compile_s"] > 0 and compiled["speedup"] > 0
