@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -484,7 +485,9 @@ def compile_markdown(report: dict) -> list[str]:
     if not rows:
         return []
     fmt = lambda v, f: "-" if v is None or v != v else format(v, f)
-    lines = ["", "COLA (3 links) compiled vs eager: step time, one-off compile cost (warm-up minus eager warm-up), "
+    cache = report.get("inductor_cache", "warm")
+    lines = ["", f"COLA (3 links) compiled vs eager: step time, one-off compile cost (warm-up minus eager warm-up; "
+             f"{cache} inductor cache), "
              "the run length from which compiling pays, and graphs compiled after the warm-up (knots must add none).",
              "", "| model | variant (mode, backend) | step s | eager step s | speedup | compile s | pays after steps "
              "| new graphs in timed window | peak mem GB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -502,7 +505,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--models", default=None, help="comma list (default: both paper models, or both tiny ones)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile / CUDA-graph variants")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep inductor's on-disk cache (default: a fresh one, so compile_s is a first-run cost)")
     args = ap.parse_args(argv)
+    if not args.warm_cache:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cola-inductor-")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.size == "paper" and device != "cuda":
         raise SystemExit("gpu_bench.py --size paper needs a CUDA device; use --size tiny on a CPU")
@@ -511,7 +520,8 @@ def main(argv=None) -> dict:
     peak = matmul_peak(device)
     lengths = json.loads((HERE / "results" / "task_lengths.json").read_text())
     names = args.models.split(",") if args.models else list(SHAPES[args.size])
-    report = {"size": args.size, "peak_tflops": peak, "models": [], "meta": environment_meta(device=device)}
+    report = {"size": args.size, "peak_tflops": peak, "models": [], "meta": environment_meta(device=device),
+              "inductor_cache": "warm" if args.warm_cache else "cold"}
     for name in names:
         t = time.perf_counter()
         res = bench_model(name, args.size, device, peak, compile_variants=not args.no_compile)

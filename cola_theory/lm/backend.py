@@ -43,6 +43,8 @@ from cola_theory.lm.lora_ops import (
     trainable_link_parameters,
 )
 from cola_theory.lm.train import COMPILE_MODES
+
+COMPILE_RECOMPILE_LIMIT = 64  # graphs per compiled forward: length buckets x train/eval x last-batch sizes
 from cola_theory.matrix_backend import link_generator
 from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
 
@@ -81,8 +83,10 @@ class PeftChainBackend:
       (`nn.Module.compile`: same module, same state_dict keys, so checkpoints and export are unchanged).
       W, A and B enter the graph as inputs and knots fold / re-draw them in place, so a knot recompiles nothing
       and CUDA graphs (mode "reduce-overhead") replay over the same addresses; only a rank step-down recompiles.
-      A second input shape recompiles once with dynamic shapes, but CUDA graphs record one graph per distinct
-      shape: pad batches to a few lengths (`collate(pad_to_multiple_of=...)`, `LMRunConfig.pad_to_multiple_of`).
+      transformers' models specialise on the sequence length (measured: SmolLM2 / Llama recompile for every new
+      length, ~20 s each), and CUDA graphs record one graph per shape: pad batches to a few lengths
+      (`collate(pad_to_multiple_of=...)`, `LMRunConfig.pad_to_multiple_of`). Dynamo's recompile limit is raised
+      to `COMPILE_RECOMPILE_LIMIT` (torch's default of 8 would silently fall back to eager after 8 lengths).
     compile_backend: torch.compile backend ("inductor"; "aot_eager" checks graph capture without code generation).
     """
 
@@ -141,6 +145,9 @@ class PeftChainBackend:
         if self.fp32_master:
             self.master = make_master(self.model)
         if self.compile is not None:
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
             mode = None if self.compile == "default" else self.compile
             self.model.compile(mode=mode, backend=self.compile_backend)
         self.rank = rank

@@ -56,7 +56,7 @@ class LMRunConfig:
     # speed only (same math; with dropout, other shapes or compiled code draw other masks of the same law):
     # torch.compile mode of the adapted model ("off" = eager; see PeftChainBackend),
     # and padding of every batch to a multiple of this many tokens (0 = none) so that compiled code and
-    # CUDA graphs see a few shapes; 0 with a CUDA-graph mode ("reduce-overhead", "max-autotune") means 64
+    # CUDA graphs see a few shapes (transformers' models recompile for every new length); 0 with compile means 32
     compile: str = "off"
     pad_to_multiple_of: int = 0
 
@@ -81,8 +81,8 @@ class LMRunConfig:
         if self.pad_to_multiple_of < 0:
             raise ValueError(f"LMRunConfig.pad_to_multiple_of={self.pad_to_multiple_of!r} must be >= 0 "
                              "(0 = no padding)")
-        if self.pad_to_multiple_of == 0 and self.compile in ("reduce-overhead", "max-autotune"):
-            object.__setattr__(self, "pad_to_multiple_of", 64)  # one CUDA graph per length bucket
+        if self.pad_to_multiple_of == 0 and self.compile != "off":
+            object.__setattr__(self, "pad_to_multiple_of", 32)  # one graph (and CUDA graph) per length bucket
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"LMRunConfig.dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
 
