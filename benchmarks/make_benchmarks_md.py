@@ -3,6 +3,7 @@
 python benchmarks/theory_bench.py          # -> results/theory_bench.json   (CPU, ~1-2 min)
 python benchmarks/gpu_bench.py --size cpu  # -> results/gpu_bench_cpu.json  (CPU, ~2 min)
 python benchmarks/gpu_bench.py             # -> results/gpu_bench.json      (H200, ~1.5 min)
+python benchmarks/compile_lm.py            # -> results/compile_lm_cpu.json  (CPU, ~10 min, needs COLA_DATA_DIR)
 python benchmarks/make_benchmarks_md.py    # -> ../BENCHMARKS.md
 """
 
@@ -73,6 +74,24 @@ def lm_section(title: str, rep: dict, gpu: bool) -> list[str]:
     return lines + [""]
 
 
+def compile_lm_section(rep: dict) -> list[str]:
+    """torch.compile on one real fine-tuning run (benchmarks/compile_lm.py)."""
+    rows, cfg = rep["rows"], rep["config"]
+    lines = [f"## torch.compile on a real run ({cfg['model']}, {cfg['task']} {cfg['method']}-{cfg['n_links']}, "
+             f"{rows[0]['steps']} steps, {rows[0]['test_examples']} test examples; {rep['meta']['device']})", "",
+             _machine(rep["meta"]), "",
+             "| variant | wall s | train s | eval s | graphs compiled | test acc |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | {r['eval_s']:.1f} | {r['graphs']} "
+                     f"| {r['test_acc']:.4f} |")
+    eager, comp = rows[0], rows[-1]
+    ratio = eager["wall_s"] / comp["wall_s"]
+    verdict = "pays" if ratio > 1 else "does not pay"
+    lines += ["", f"Compiled vs eager wall time: {ratio:.2f}x - compiling {verdict} at this run length "
+              f"({comp['graphs']} graphs: one per padded length, train and eval)."]
+    return lines + [""]
+
+
 def main() -> str:
     lines = [
         "# Benchmarks",
@@ -111,6 +130,10 @@ def main() -> str:
             lines += lm_section(title, rep, gpu)
         else:
             lines += [f"## {title}", "", f"not measured yet: see the commands at the top ({fname}).", ""]
+    for fname in ("compile_lm_cpu.json", "compile_lm_cuda.json"):
+        rep = _load(fname)
+        if rep:
+            lines += compile_lm_section(rep)
     text = "\n".join(lines)
     atomic_write_text(HERE.parent / "BENCHMARKS.md", text)
     return text

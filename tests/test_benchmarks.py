@@ -27,3 +27,23 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     assert compiled["new_graphs"] == 0  # the two knots inside the timed window compiled nothing new
     md = (tmp_path / "gpu_bench_tiny.md").read_text()
     assert "COLA/LoRA time" in md and "compile (default, aot_eager)" in md
+
+
+def test_compile_lm_tiny_on_cpu(tmp_path):
+    """benchmarks/compile_lm.py at the test's size: three variants, same accuracy, graphs only when compiled."""
+    import os
+
+    data = Path(os.environ.get("COLA_DATA_DIR", ROOT.parent / "shared" / "data"))
+    if not (data / "sst2" / "train.jsonl").exists():
+        import pytest
+
+        pytest.skip("benchmark data absent: set COLA_DATA_DIR=/path/to/shared/data")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_lm.py"), "--model", "tiny-llama",
+                          "--small", "--backend", "aot_eager", "--data-dir", str(data), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "compile_lm_cpu.json").read_text())["rows"]
+    assert [r["compile"] for r in rows] == ["off", "off", "default"]
+    assert len({r["test_acc"] for r in rows}) == 1  # tiny Llama has no dropout: the same predictions
+    assert rows[0]["graphs"] == rows[1]["graphs"] == 0 and rows[2]["graphs"] >= 1
+    assert all(r["train_s"] > 0 and r["eval_s"] > 0 for r in rows)

@@ -130,19 +130,19 @@ DATA = Path(os.environ.get("COLA_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 @pytest.mark.skipif(not (DATA / "sst2" / "train.jsonl").exists(),
                     reason="benchmark data absent: set COLA_DATA_DIR=/path/to/shared/data")
-def test_run_lm_compiled_and_padded_matches_eager(tmp_path, monkeypatch):
+def test_run_lm_compiled_and_padded_matches_eager(tmp_path):
     """run_lm(compile=..., pad_to_multiple_of=16): same losses and accuracy as eager with no padding.
     (Llama: no dropout. With dropout, other shapes or compiled code draw other masks of the same law.)"""
     from cola_theory.lm.models import load_model
     from cola_theory.lm.train import LMRunConfig, run_lm
     from paper_repro.lm.runner import tiny_tokenizer
 
-    monkeypatch.setitem(PeftChainBackend.__init__.__kwdefaults__, "compile_backend", "aot_eager")
     base = LMRunConfig(model="tiny-llama", task="sst2", method="cola", n_links=2, epochs=2.0, num_train=8, num_dev=0,
                        num_test=8, batch_size=4, eval_batch_size=4, max_length=64, lr=1e-2)
     out = {}
     for name, cfg in (("eager", base), ("compiled", dataclasses.replace(base, compile="default",
-                                                                         pad_to_multiple_of=16))):
+                                                                         pad_to_multiple_of=16,
+                                                                         compile_backend="aot_eager"))):
         model, _, _ = load_model("tiny-llama", device="cpu", tiny_vocab=128)
         out[name] = run_lm(cfg, tmp_path / f"{name}.json", data_dir=str(DATA), device="cpu", progress=False,
                            model_bundle=(model.eval(), tiny_tokenizer(), "tiny"))

@@ -43,13 +43,12 @@ from cola_theory.lm.lora_ops import (
     trainable_link_parameters,
 )
 from cola_theory.lm.train import COMPILE_MODES
-
-COMPILE_RECOMPILE_LIMIT = 64  # graphs per compiled forward: length buckets x train/eval x last-batch sizes
 from cola_theory.matrix_backend import link_generator
 from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
 
 Tensor = torch.Tensor
 STATE_FORMAT = 1
+COMPILE_RECOMPILE_LIMIT = 64  # graphs per compiled forward: length buckets x train/eval x last-batch sizes
 
 
 def move_to(batch: Any, device: torch.device | None) -> Any:

@@ -59,6 +59,7 @@ class LMRunConfig:
     # CUDA graphs see a few shapes (transformers' models recompile for every new length); 0 with compile means 32
     compile: str = "off"
     pad_to_multiple_of: int = 0
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": graph capture without code generation)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -220,7 +221,8 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
         torch.cuda.reset_peak_memory_stats()
     backend = PeftChainBackend(model, chain_cfg, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
                                fp32_master=cfg.fp32_master, device=device, ddp=ddp,
-                               compile=None if cfg.compile == "off" else cfg.compile)
+                               compile=None if cfg.compile == "off" else cfg.compile,
+                               compile_backend=cfg.compile_backend)
     ckpt_cls = dist_mod.RankZeroCheckpointer if ddp else KnotCheckpointer
     ckpt = ckpt_cls(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
     t_train = time.perf_counter()

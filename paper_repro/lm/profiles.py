@@ -34,7 +34,7 @@ MAIN_LINKS = 3  # chain length of COLA in the main tables is [U]; 3 is the large
 
 # LMRunConfig fields added after results were published, with their defaults: at the default they stay out of
 # the job id's digest, so earlier result files keep their names (and `runner.existing_result` fills them in)
-LATE_FIELDS = {"compile": "off", "pad_to_multiple_of": 0}
+LATE_FIELDS = {"compile": "off", "pad_to_multiple_of": 0, "compile_backend": "inductor"}
 
 
 @dataclass(frozen=True)
