@@ -86,7 +86,7 @@ SHAPES = {
     "tiny": {"tiny-opt": (4, 32), "tiny-llama": (4, 32)},
     "cpu": {"small-opt": (8, 64), "small-llama": (8, 64)},
 }
-STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3), "cpu": (3, 30, 12)}  # (warm-up, timed chain steps, Trainer steps)
+STEPS = {"paper": (4, 24, 10), "tiny": (1, 6, 3), "cpu": (3, 90, 30)}  # (warm-up, timed chain steps, Trainer steps)
 # torch.compile variants of COLA: (label, mode); CUDA graphs only exist on CUDA
 COMPILE_VARIANTS = {"cuda": (("compile", "default"), ("cuda-graphs", "reduce-overhead")),
                     "cpu": (("compile", "default"),)}
