@@ -152,7 +152,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_model(name: str, size: str, device: str, peak: float, compile_variants: bool = True) -> dict:
+def bench_model(name: str, size: str, device: str, peak: float, compile_variants: bool = True,
+                deadline: float = float("inf")) -> dict:
     from cola_theory.lm.backend import PeftChainBackend
     from cola_theory.lm.scoring import candidate_logprobs, classification_loss, collate
 
@@ -214,6 +215,9 @@ def bench_model(name: str, size: str, device: str, peak: float, compile_variants
     out["rewrap_knot_s"] = rewrap_knot(name, device, dtype)
     out["flops_per_token"] = out["lora"]["flops_per_token"]
     for label, mode in COMPILE_VARIANTS[device] if compile_variants else ():
+        if time.perf_counter() > deadline:  # keep the whole script inside its time budget
+            out[f"cola_{label}"] = {"mode": mode, "skipped": "the script's time budget (--budget-s) was spent"}
+            continue
         res, eager = measure("cola", mode), out["cola"]
         saved = eager["step_s"] - res["step_s"]  # per step
         extra = res["warm_s"] - eager["warm_s"]  # one-off: compilation (and CUDA-graph recording)
@@ -481,8 +485,10 @@ def markdown(report: dict) -> str:
 
 def compile_markdown(report: dict) -> list[str]:
     """The torch.compile / CUDA-graph table (empty when the report has no compiled variants)."""
-    rows = [(r, k, r[k]) for r in report["models"] for k in r if k.startswith("cola_") and isinstance(r[k], dict)]
-    if not rows:
+    variants = [(r, k, r[k]) for r in report["models"] for k in r if k.startswith("cola_") and isinstance(r[k], dict)]
+    rows = [v for v in variants if "skipped" not in v[2]]
+    skipped = [f"{r['model']} {k[5:]}" for r, k, x in variants if "skipped" in x]
+    if not variants:
         return []
     fmt = lambda v, f: "-" if v is None or v != v else format(v, f)
     cache = report.get("inductor_cache", "warm")
@@ -496,6 +502,8 @@ def compile_markdown(report: dict) -> list[str]:
                      f"{r['cola']['step_s']:.4f} | {x['speedup']:.2f}x | {x['compile_s']:.1f} | "
                      f"{fmt(x['pays_after_steps'], '.0f') if x['pays_after_steps'] else 'never'} | "
                      f"{x['new_graphs']} | {fmt(x['peak_mem_gb'], '.1f')} |")
+    if skipped:
+        lines += ["", f"Not measured (time budget of the script spent): {', '.join(skipped)}."]
     return lines
 
 
@@ -505,6 +513,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--models", default=None, help="comma list (default: both paper models, or both tiny ones)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile / CUDA-graph variants")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="start no compiled variant after this many seconds (the script must end within 8 min)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep inductor's on-disk cache (default: a fresh one, so compile_s is a first-run cost)")
     args = ap.parse_args(argv)
@@ -517,6 +527,7 @@ def main(argv=None) -> dict:
         raise SystemExit("gpu_bench.py --size paper needs a CUDA device; use --size tiny on a CPU")
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    start = time.perf_counter()
     peak = matmul_peak(device)
     lengths = json.loads((HERE / "results" / "task_lengths.json").read_text())
     names = args.models.split(",") if args.models else list(SHAPES[args.size])
@@ -524,7 +535,8 @@ def main(argv=None) -> dict:
               "inductor_cache": "warm" if args.warm_cache else "cold"}
     for name in names:
         t = time.perf_counter()
-        res = bench_model(name, args.size, device, peak, compile_variants=not args.no_compile)
+        res = bench_model(name, args.size, device, peak, compile_variants=not args.no_compile,
+                          deadline=start + args.budget_s)
         res["projection"] = project_grid(res, lengths)
         res["bench_s"] = time.perf_counter() - t
         report["models"].append(res)

@@ -61,13 +61,17 @@ def lm_section(title: str, rep: dict, gpu: bool) -> list[str]:
             h = r["projection"]["grid_gpu_hours"]
             lines.append(f"| Table 1 grid (OPT-1.3B) < 1 GPU-hour | {r['model']} | {h:.2f} h | {ok(h < 1)} |")
         for key, x in r.items():
-            if key.startswith("cola_") and isinstance(x, dict):
+            if key.startswith("cola_") and isinstance(x, dict) and "skipped" not in x:
                 lines.append(f"| knots compile nothing new ({key[5:]}, {x['mode']}) | {r['model']} | "
                              f"{x['new_graphs']} graphs in the timed window | {ok(x['new_graphs'] == 0)} |")
     if not any(k.startswith("cola_") and isinstance(v, dict) for r in rep["models"] for k, v in r.items()):
         lines += ["", "torch.compile / CUDA graphs: not measured in this report (it predates them); rerun "
                   "`python benchmarks/gpu_bench.py` on the device."]
-    if any("paired" in r for r in rep["models"]):
+    if not any("paired" in r for r in rep["models"]):
+        lines += ["", "COLA/LoRA time and ours/Trainer here come from separate runs (mean step times, the link "
+                  "optimizer then foreach AdamW): the method before the paired one below; rerun the script on the "
+                  "device to refresh."]
+    else:
         lines += ["", "COLA/LoRA time and ours/Trainer are PAIRED measurements (both sides stepped in turn in one "
                   "window, medians; COLA's knots charged in full); the per-method table above comes from separate "
                   "runs, one model each (tokens/s, MFU, memory, knot time)."]

@@ -47,3 +47,15 @@ def test_compile_lm_tiny_on_cpu(tmp_path):
     assert len({r["test_acc"] for r in rows}) == 1  # tiny Llama has no dropout: the same predictions
     assert rows[0]["graphs"] == rows[1]["graphs"] == 0 and rows[2]["graphs"] >= 1
     assert all(r["train_s"] > 0 and r["eval_s"] > 0 for r in rows)
+
+
+def test_compiled_variants_skipped_past_the_budget_are_reported():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    report = {"models": [{"model": "opt-1.3b", "cola": {"step_s": 0.1},
+                          "cola_cuda-graphs": {"mode": "reduce-overhead", "skipped": "budget"}}]}
+    md = "\n".join(gpu_bench.compile_markdown(report))
+    assert "Not measured (time budget of the script spent): opt-1.3b cuda-graphs." in md
