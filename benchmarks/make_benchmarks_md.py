@@ -2,7 +2,8 @@
 
 python benchmarks/theory_bench.py          # -> results/theory_bench.json   (CPU, ~1-2 min)
 python benchmarks/gpu_bench.py --size cpu  # -> results/gpu_bench_cpu.json  (CPU, ~2 min)
-python benchmarks/gpu_bench.py             # -> results/gpu_bench.json      (H200, ~1.5 min)
+python benchmarks/gpu_bench.py             # -> results/gpu_bench.json      (H200, <= 8 min)
+bash benchmarks/device_check.sh            # on a lent device: GPU tests + gpu_bench.py in one prepared run
 python benchmarks/compile_lm.py            # -> results/compile_lm_cpu.json  (CPU, ~10 min, needs COLA_DATA_DIR)
 python benchmarks/make_benchmarks_md.py    # -> ../BENCHMARKS.md
 """
