@@ -3,7 +3,7 @@
 #   bash benchmarks/device_check.sh            # GPU tests (~2 min) + benchmarks/gpu_bench.py (<= 8 min)
 #   bash benchmarks/device_check.sh --tiny     # the same steps on a CPU at tiny size (tests/test_benchmarks.py)
 # Results go to $OUT (the device tool's output folder) or benchmarks/results: gpu_tests.txt, gpu_bench.json/.md,
-# gpu_bench_log.txt. Wheels the device image lacks (transformers / peft pinned as in pyproject) may be put in
+# gpu_bench_log.txt. Wheels the device image lacks (transformers / peft pinned as in pyproject, pytest) may be put in
 # .whl/ (git-ignored) and carried; they are installed without dependencies. Nothing needs the network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
