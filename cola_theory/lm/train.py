@@ -219,6 +219,10 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
         metrics["zero_shot_test_acc"] = accuracy(model, "test")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    if cfg.compile != "off":
+        # graphs of an earlier run in this process belong to a model that is gone; they would only count
+        # against Dynamo's recompile limit (per code object, shared by every PeftModel)
+        torch._dynamo.reset()
     backend = PeftChainBackend(model, chain_cfg, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
                                fp32_master=cfg.fp32_master, device=device, ddp=ddp,
                                compile=None if cfg.compile == "off" else cfg.compile,
