@@ -245,19 +245,20 @@ def timed_chain(backend, cfg: ChainConfig, warm: int, device: str) -> dict:
     knot_times: list[float] = []
     knot_steps: set[int] = set()  # the step right after a knot: its interval holds the knot too
     stamps: dict[int, float] = {}
-    tie, extend = backend.tie_knot, backend.extend
+    tie, reset = backend.tie_knot, backend.reset_optimizer
 
     def timed_tie():
         sync(device)
         marks["knot"] = time.perf_counter()
         tie()
 
-    def timed_extend(link):
-        extend(link)
-        if "knot" in marks and link.index >= 1:  # tie a knot + extend the chain (+ reset, inside run_chain)
+    def timed_reset(policy):  # run_chain: tie a knot -> extend the chain -> reset the optimizer
+        out = reset(policy)
+        if "knot" in marks:
             sync(device)
             knot_times.append(time.perf_counter() - marks.pop("knot"))
-            knot_steps.add(link.start + 1)
+            knot_steps.add(backend.t + 1)  # the interval of the next step holds this knot
+        return out
 
     def on_step(t, link):
         if t < warm:
@@ -269,7 +270,7 @@ def timed_chain(backend, cfg: ChainConfig, warm: int, device: str) -> dict:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
-    backend.tie_knot, backend.extend = timed_tie, timed_extend
+    backend.tie_knot, backend.reset_optimizer = timed_tie, timed_reset
     t0 = time.perf_counter()
     run_chain(backend, cfg, on_step=on_step, log_every=cfg.total_steps)
     sync(device)
@@ -375,19 +376,20 @@ def paired_chain(make, warm: int, steps: int, device: str) -> dict:
     t_cola: list[float] = []
     knots: list[float] = []
     mark: dict[str, float] = {}
-    tie, extend = cola.tie_knot, cola.extend
+    tie, reset = cola.tie_knot, cola.reset_optimizer
 
     def timed_tie():
         sync(device)
         mark["knot"] = time.perf_counter()
         tie()
 
-    def timed_extend(link):
-        extend(link)
-        if "knot" in mark and link.index >= 1:
+    def timed_reset(policy):  # tie a knot -> extend the chain -> reset the optimizer
+        out = reset(policy)
+        if "knot" in mark:
             sync(device)
             knots.append(time.perf_counter() - mark.pop("knot"))
             mark["knot_in_interval"] = knots[-1]
+        return out
 
     def on_step(t, link):  # COLA finished step t: time it, then one LoRA step
         sync(device)
@@ -401,7 +403,7 @@ def paired_chain(make, warm: int, steps: int, device: str) -> dict:
         if t > warm:
             t_lora.append(mark["end"] - now)
 
-    cola.tie_knot, cola.extend = timed_tie, timed_extend
+    cola.tie_knot, cola.reset_optimizer = timed_tie, timed_reset
     run_chain(cola, cfg, on_step=on_step, log_every=cfg.total_steps)
     lora_s = statistics.median(t_lora)
     cola_s = statistics.median(t_cola) + sum(knots) / steps
@@ -483,6 +485,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines + compile_markdown(report)) + "\n"
 
 
+def pays(x: dict) -> str:
+    """After how many steps compiling pays back its one-off cost."""
+    if x["pays_after_steps"] is None:
+        return "never (no faster per step)"
+    return "at once" if x["pays_after_steps"] <= 0 else f"{x['pays_after_steps']:.0f}"
+
+
 def compile_markdown(report: dict) -> list[str]:
     """The torch.compile / CUDA-graph table (empty when the report has no compiled variants)."""
     variants = [(r, k, r[k]) for r in report["models"] for k in r if k.startswith("cola_") and isinstance(r[k], dict)]
@@ -500,7 +509,7 @@ def compile_markdown(report: dict) -> list[str]:
     for r, key, x in rows:
         lines.append(f"| {r['model']} | {key[5:]} ({x['mode']}, {x['backend']}) | {x['step_s']:.4f} | "
                      f"{r['cola']['step_s']:.4f} | {x['speedup']:.2f}x | {x['compile_s']:.1f} | "
-                     f"{fmt(x['pays_after_steps'], '.0f') if x['pays_after_steps'] else 'never'} | "
+                     f"{pays(x)} | "
                      f"{x['new_graphs']} | {fmt(x['peak_mem_gb'], '.1f')} |")
     if skipped:
         lines += ["", f"Not measured (time budget of the script spent): {', '.join(skipped)}."]
@@ -531,6 +540,8 @@ def main(argv=None) -> dict:
     peak = matmul_peak(device)
     lengths = json.loads((HERE / "results" / "task_lengths.json").read_text())
     names = args.models.split(",") if args.models else list(SHAPES[args.size])
+    out = Path(args.out)
+    stem = {"paper": "gpu_bench", "cpu": "gpu_bench_cpu", "tiny": "gpu_bench_tiny"}[args.size]
     report = {"size": args.size, "peak_tflops": peak, "models": [], "meta": environment_meta(device=device),
               "inductor_cache": "warm" if args.warm_cache else "cold"}
     for name in names:
@@ -541,10 +552,9 @@ def main(argv=None) -> dict:
         res["bench_s"] = time.perf_counter() - t
         report["models"].append(res)
         print(json.dumps({k: v for k, v in res.items() if k != "projection"}, default=str), flush=True)
-    out = Path(args.out)
-    stem = {"paper": "gpu_bench", "cpu": "gpu_bench_cpu", "tiny": "gpu_bench_tiny"}[args.size]
-    atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1, default=str))
-    atomic_write_text(out / f"{stem}.md", markdown(report))
+        # after every model: a run stopped by a time limit keeps what it measured
+        atomic_write_text(out / f"{stem}.json", json.dumps(report, indent=1, default=str))
+        atomic_write_text(out / f"{stem}.md", markdown(report))
     print(markdown(report))
     return report
 

@@ -123,6 +123,7 @@ def ddp(out: str, rank: Any = (4, 2, 2), stop_at: int = 0, resume: bool = False,
     continues from the rank-0 checkpoints)."""
     import torch.distributed as dist
     from safetensors.torch import save_file
+    from torch._dynamo.utils import counters
 
     from cola_theory.lm.distributed import RankZeroCheckpointer, init_from_env, shard_batch_fn
 
@@ -161,7 +162,8 @@ def ddp(out: str, rank: Any = (4, 2, 2), stop_at: int = 0, resume: bool = False,
         return
     final = chain_tensors(b.model)
     Path(out, f"rank{me.rank}.json").write_text(json.dumps(
-        {"history": res.history, "checks": checks, "digest": digest(final), "wrapped": b.wrapped is not None}))
+        {"history": res.history, "checks": checks, "digest": digest(final), "wrapped": b.wrapped is not None,
+         "graphs": int(counters["stats"]["unique_graphs"])}))
     if me.rank == 0:
         save_file(final, str(Path(out) / "final.safetensors"))
     dist.destroy_process_group()

@@ -56,7 +56,7 @@ def test_every_knot_is_bitwise_identical_on_both_ranks_and_matches_one_process(d
     out, ranks = ddp_run
     for r in ranks:  # knots after links 0, 1 (8 -> 2 rank step-down: new tensors, DDP re-wrapped) and the final one
         assert [c["t"] for c in r["checks"]] == [3, 6, 9] and all(c["identical"] for c in r["checks"]), r["checks"]
-        assert r["wrapped"]
+        assert r["wrapped"] and r["graphs"] == 0  # eager
     assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["history"] == ranks[1]["history"]
 
     ref_backend, ref = one_process(w.ddp_config())
@@ -81,6 +81,7 @@ def test_compiled_model_under_ddp_matches_one_eager_process(tmp_path):
     launch_ok("ddp", 2, tmp_path, compile="default")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(c["identical"] for r in ranks for c in r["checks"]) and ranks[0]["digest"] == ranks[1]["digest"]
+    assert all(r["graphs"] >= 1 for r in ranks), "the workers did not compile"
     ref_backend, _ = one_process(w.ddp_config())
     expect, got = w.chain_tensors(ref_backend.model), load_file(str(tmp_path / "final.safetensors"))
     for k in expect:

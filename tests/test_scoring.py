@@ -132,6 +132,9 @@ def test_collate_layout(tokenizer, examples):
     S = 2 + 3
     L = max(e.max_len for e in encs)
     assert b["input_ids"].shape == (S, -(-L // 8) * 8) and b["target_ids"].shape == (S, 9)
+    assert -(-L // 8) * 8 > L  # the limit below is binding
+    assert collate(encs, pad_id=0, pad_to_multiple_of=8, pad_limit=L)["input_ids"].shape == (S, L)  # never past it
+    assert collate(encs, pad_id=0, pad_to_multiple_of=8, pad_limit=1)["input_ids"].shape == (S, L)  # nor below L
     assert b["example_index"].tolist() == [0, 0, 1, 1, 1] and b["candidate_index"].tolist() == [0, 1, 0, 1, 2]
     assert b["labels"].tolist() == [ex.label for ex in examples[:2]] and b["num_candidates"].tolist() == [2, 3]
     for s, (e, c) in enumerate(zip(b["example_index"].tolist(), b["candidate_index"].tolist())):

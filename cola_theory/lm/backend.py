@@ -146,7 +146,8 @@ class PeftChainBackend:
         if self.compile is not None:
             import torch._dynamo.config as dynamo_config
 
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+            limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch<2.6
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), COMPILE_RECOMPILE_LIMIT))
             mode = None if self.compile == "default" else self.compile
             self.model.compile(mode=mode, backend=self.compile_backend)
         self.rank = rank

@@ -78,7 +78,7 @@ def shares_prefix(ex: EncodedExample) -> bool:
 
 
 def collate(batch: Sequence[EncodedExample], pad_id: int = 0, pad_to_multiple_of: int | None = None,
-            share_prefix: bool = True) -> CandidateBatch:
+            share_prefix: bool = True, pad_limit: int | None = None) -> CandidateBatch:
     """Right-pad the sequences of a batch: one per candidate, or ONE per example whose candidates are single
     tokens after a common prefix (`shares_prefix`; the candidate token itself is then not fed: the logits at the
     prefix's last position score every candidate). Same scores as one sequence per candidate, 1/C the compute.
@@ -86,7 +86,8 @@ def collate(batch: Sequence[EncodedExample], pad_id: int = 0, pad_to_multiple_of
     Keys: input_ids, attention_mask (S, L); target_positions (S, K): the positions whose logits are needed;
     per candidate (N = sum of #candidates): cand_seq (N,) its sequence, target_ids, target_mask (N, K): logits at
     target_positions[cand_seq] predict target_ids (mask False = padding), example_index, candidate_index (N,);
-    labels, num_candidates (B,).
+    labels, num_candidates (B,). pad_to_multiple_of rounds L up (few shapes for compiled models), at most to
+    pad_limit.
     """
     if not batch:
         raise ValueError("collate needs at least one encoded example")
@@ -103,8 +104,8 @@ def collate(batch: Sequence[EncodedExample], pad_id: int = 0, pad_to_multiple_of
             seqs.append((ids, list(range(len(ids) - n - 1, len(ids) - 1))))
             cands.append((b, c, len(seqs) - 1, tuple(ids[-n:])))
     L = max(len(ids) for ids, _ in seqs)
-    if pad_to_multiple_of:
-        L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+    if pad_to_multiple_of:  # never past `pad_limit` (e.g. max_length, the model's position limit)
+        L = max(L, min(-(-L // pad_to_multiple_of) * pad_to_multiple_of, pad_limit or 2**62))
     K = max(len(pos) for _, pos in seqs)
     S, N = len(seqs), len(cands)
     input_ids = torch.full((S, L), pad_id, dtype=torch.long)
@@ -200,7 +201,8 @@ def score_examples(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Ex
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = collate([encoded[i] for i in chunk], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+            batch = collate([encoded[i] for i in chunk], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of,
+                            pad_limit=max_length)
             scores = candidate_logprobs(model, batch).cpu()
             out[chunk, :scores.shape[1]] = scores
     finally:

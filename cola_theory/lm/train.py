@@ -199,10 +199,12 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     def batch_fn(t: int):
         idx = batch_idx(t)
         if not ddp:
-            return scoring.collate([train[i] for i in idx], pad_id=pad_id, pad_to_multiple_of=multiple)
+            return scoring.collate([train[i] for i in idx], pad_id=pad_id, pad_to_multiple_of=multiple,
+                                   pad_limit=cfg.max_length)
         lo, hi = _shard_bounds(len(idx), me.rank, me.world_size)  # weight: DDP's mean of means = global mean
         mine = idx[lo:hi] or idx[:1]  # an empty share still runs (weight 0) so that every rank joins the all-reduce
-        return {"batch": scoring.collate([train[i] for i in mine], pad_id=pad_id, pad_to_multiple_of=multiple),
+        return {"batch": scoring.collate([train[i] for i in mine], pad_id=pad_id, pad_to_multiple_of=multiple,
+                                         pad_limit=cfg.max_length),
                 "weight": (hi - lo) * me.world_size / len(idx)}
 
     def loss_fn(m, batch):

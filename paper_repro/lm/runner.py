@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cola_theory.results import load_if_valid
-from paper_repro.lm.profiles import LMJob
+from paper_repro.lm.profiles import LATE_FIELDS, LMJob
 
 DATA_HELP = ("supply the benchmark files with --data-dir DIR or COLA_DATA_DIR=DIR, laid out as "
              "DIR/<task>/train.jsonl and DIR/<task>/val.jsonl (see shared/data/README.md)")
@@ -85,9 +85,8 @@ def existing_result(job: LMJob, results_dir: Path, log: Callable[[str], None]) -
     if payload is None:
         return None
     saved = {k: v for k, v in payload["config"].items() if k != "chain"}
-    # a field added to LMRunConfig after the file was written: the file was made with that field's default
-    defaults = _jsonable(type(job.cfg)().to_dict())
-    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    # a field added to LMRunConfig after the file was written (LATE_FIELDS): made with that field's default
+    saved = {**{k: v for k, v in LATE_FIELDS.items() if k not in saved}, **saved}
     if saved != _jsonable(job.cfg.to_dict()):
         log(f"[lm] {path} was made with another config -> recomputing")
         return None

@@ -32,7 +32,9 @@ MODEL_DIMS = {
 MODEL_LABELS = {"opt-1.3b": "OPT-1.3B", "llama-2-7b": "Llama-2-7B", "smollm2-135m": "SmolLM2-135M (Q4_1 GGUF)",
                 "tiny-opt": "tiny-opt (random)", "tiny-llama": "tiny-llama (random)"}
 TASK_ORDER = ref.PAPER_TASKS + ("copa",)
-_NOT_VARIANT = ("lr", "seed", "zero_shot", "eval_batch_size", "checkpoint_every", "chain", "eval_dev")
+# speed-only fields (compile, padding) do not make another variant: old files lack them, new runs may differ
+_NOT_VARIANT = ("lr", "seed", "zero_shot", "eval_batch_size", "checkpoint_every", "chain", "eval_dev", "compile",
+                "pad_to_multiple_of", "compile_backend")
 _NOT_SETTING = _NOT_VARIANT + ("model", "task", "method", "n_links", "rank", "link_epochs")
 
 
