@@ -21,14 +21,20 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_timing import (  # sibling module: this file runs as a script
+    chain_config,
+    eval_speed,
+    paired_chain,
+    rewrap_knot,
+    timed_chain,
+    trainer_vs_ours,
+)
 
-from cola_theory.chain import run_chain
-from cola_theory.config import ChainConfig, link_plan, lr_at
+from cola_theory.config import link_plan
 from cola_theory.results import atomic_write_text, environment_meta
 
 HERE = Path(__file__).resolve().parent
@@ -147,11 +153,6 @@ def flops_per_token(model, seq_len: int, rank: int, n_adapted: int, d: int) -> f
     return 4 * N + 3 * attn + 3 * n_adapted * 2 * rank * 2 * d
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_model(name: str, size: str, device: str, peak: float, compile_variants: bool = True,
                 deadline: float = float("inf")) -> dict:
     from cola_theory.lm.backend import PeftChainBackend
@@ -176,9 +177,7 @@ def bench_model(name: str, size: str, device: str, peak: float, compile_variants
         torch._dynamo.reset()
         model = build(name, device, dtype)
         fpt = flops_per_token(model, L, 8, 2 * model.config.num_hidden_layers, model.config.hidden_size)
-        # warm-up steps belong to link 0; COLA's two knots fall inside the timed window
-        knots = (warm + steps // 3, warm + 2 * steps // 3) if links == 3 else ()
-        cfg = ChainConfig(total_steps=steps + warm, n_links=links, knots=knots, rank=8, alpha=16, lr=1e-4)
+        cfg = chain_config(links, warm, steps)
         backend = PeftChainBackend(model, cfg, lambda t: batches[t % 4], loss_fn, device=device, keep_original=False,
                                    compile=mode, compile_backend=COMPILE_BACKEND[size])
         timing = timed_chain(backend, cfg, warm, device)
@@ -205,14 +204,14 @@ def bench_model(name: str, size: str, device: str, peak: float, compile_variants
 
     out["paired"] = paired_chain(make, warm, steps, device)
     out["cola_over_lora_time"] = out["paired"]["cola_over_lora_time"]
-    ours = make(ChainConfig(total_steps=trainer_steps + 2, rank=8, alpha=16, lr=1e-4))
+    ours = make(chain_config(1, 2, trainer_steps))  # the Trainer's two warm-up steps + its timed ones
     ours.extend(link_plan(ours.cfg)[0])
-    out["trainer"] = trainer_vs_ours(name, device, dtype, batches, loss_fn, trainer_steps, ours)
+    out["trainer"] = trainer_vs_ours(build(name, device, dtype), device, batches, loss_fn, trainer_steps, ours)
     del ours
     gc.collect()
     out["trainer_step_s"] = out["trainer"]["trainer_step_s"]
     out["ours_over_trainer_speed"] = out["trainer"]["trainer_step_s"] / out["trainer"]["ours_step_s"]
-    out["rewrap_knot_s"] = rewrap_knot(name, device, dtype)
+    out["rewrap_knot_s"] = rewrap_knot(build(name, device, dtype), device)
     out["flops_per_token"] = out["lora"]["flops_per_token"]
     for label, mode in COMPILE_VARIANTS[device] if compile_variants else ():
         if time.perf_counter() > deadline:  # keep the whole script inside its time budget
@@ -225,208 +224,6 @@ def bench_model(name: str, size: str, device: str, peak: float, compile_variants
                                 "speedup": eager["step_s"] / res["step_s"], "compile_s": extra,
                                 "pays_after_steps": extra / saved if saved > 0 else None}
     return out
-
-
-def graph_count() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def timed_chain(backend, cfg: ChainConfig, warm: int, device: str) -> dict:
-    """run_chain with the timed window after `warm` steps.
-
-    step_s = median of the per-step times of the steps without a knot + (time of all knots) / (timed steps): the
-    median keeps a 2-core CPU's scheduler hiccups out of the COLA/LoRA ratio, and the knots are still charged in
-    full. Also: mean_step_s (the plain mean over the window, knots included), knot_s (mean per knot: tie a knot
-    + extend the chain), warm_s (the warm-up, compilation included), new_graphs (graphs compiled in the window).
-    """
-    marks: dict[str, float] = {}
-    knot_times: list[float] = []
-    knot_steps: set[int] = set()  # the step right after a knot: its interval holds the knot too
-    stamps: dict[int, float] = {}
-    tie, reset = backend.tie_knot, backend.reset_optimizer
-
-    def timed_tie():
-        sync(device)
-        marks["knot"] = time.perf_counter()
-        tie()
-
-    def timed_reset(policy):  # run_chain: tie a knot -> extend the chain -> reset the optimizer
-        out = reset(policy)
-        if "knot" in marks:
-            sync(device)
-            knot_times.append(time.perf_counter() - marks.pop("knot"))
-            knot_steps.add(backend.t + 1)  # the interval of the next step holds this knot
-        return out
-
-    def on_step(t, link):
-        if t < warm:
-            return
-        sync(device)
-        stamps[t] = time.perf_counter()
-        if t == warm:
-            marks["graphs"] = graph_count()
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-
-    backend.tie_knot, backend.reset_optimizer = timed_tie, timed_reset
-    t0 = time.perf_counter()
-    run_chain(backend, cfg, on_step=on_step, log_every=cfg.total_steps)
-    sync(device)
-    n = cfg.total_steps - warm
-    pure = sorted(stamps[t] - stamps[t - 1] for t in range(warm + 1, cfg.total_steps + 1) if t not in knot_steps)
-    return {"step_s": statistics.median(pure) + sum(knot_times) / n,
-            "mean_step_s": (time.perf_counter() - stamps[warm]) / n,
-            "knot_s": sum(knot_times) / len(knot_times) if knot_times else None,
-            "warm_s": stamps[warm] - t0, "new_graphs": graph_count() - marks["graphs"]}
-
-
-@torch.no_grad()
-def eval_speed(model, data, batch_size: int, device: str) -> float:
-    from cola_theory.lm.scoring import candidate_logprobs, collate
-
-    model.eval()
-    batches = [collate(data[i : i + batch_size], pad_id=1) for i in range(0, len(data), batch_size)]
-    candidate_logprobs(model, {k: v.to(device) for k, v in batches[0].items()})
-    sync(device)
-    t = time.perf_counter()
-    for b in batches:
-        candidate_logprobs(model, {k: v.to(device) for k, v in b.items()})
-    sync(device)
-    return len(data) / (time.perf_counter() - t)
-
-
-def trainer_vs_ours(name, device, dtype, batches, loss_fn, steps: int, ours) -> dict:
-    """Plain PEFT LoRA (get_peft_model, r=8, q/v) in a transformers.Trainer, same batches, PAIRED with our step:
-    after every Trainer step (on_step_end) one step of `ours` (an extended LoRA PeftChainBackend on its own model)
-    runs and is timed; the Trainer's step is the on_step_begin-to-on_step_begin interval minus ours. Medians
-    after two warm-up steps: {"trainer_step_s", "ours_step_s"}."""
-    import tempfile
-
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    model = get_peft_model(
-        build(name, device, dtype), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    )
-
-    class Batches(torch.utils.data.Dataset):
-        def __len__(self):
-            return steps + 2
-
-        def __getitem__(self, i):
-            return batches[i % len(batches)]
-
-    class LossTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, **kw):
-            return loss_fn(model, inputs)
-
-    begins: list[float] = []
-    mine: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            sync(device)
-            begins.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            sync(device)
-            t0 = time.perf_counter()
-            ours.step(1e-4)
-            sync(device)
-            mine.append(time.perf_counter() - t0)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=1,
-            max_steps=steps + 2,
-            learning_rate=1e-4,
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            use_cpu=device != "cuda",
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        trainer = LossTrainer(
-            model=model, args=args, train_dataset=Batches(), data_collator=lambda xs: xs[0], callbacks=[Clock()]
-        )
-        trainer.train()
-    trainer_s = [b - a - m for a, b, m in zip(begins[2:], begins[3:], mine[2:])]
-    del trainer, model
-    gc.collect()
-    return {"trainer_step_s": statistics.median(trainer_s), "ours_step_s": statistics.median(mine[2:])}
-
-
-def paired_chain(make, warm: int, steps: int, device: str) -> dict:
-    """LoRA (1 link) and COLA (3 links, both knots inside the timed window) on two models in memory, stepped in
-    turn: COLA runs through run_chain and after each of its steps one LoRA step runs (timed on its own). A slow
-    phase of a shared machine then hits both alike. COLA's step: median of its intervals without a knot + all
-    knot time / timed steps; LoRA's: the median of its steps."""
-    lora = make(ChainConfig(total_steps=steps + warm, n_links=1, rank=8, alpha=16, lr=1e-4))
-    cfg = ChainConfig(total_steps=steps + warm, n_links=3, knots=(warm + steps // 3, warm + 2 * steps // 3),
-                      rank=8, alpha=16, lr=1e-4)
-    cola = make(cfg)
-    (lora_link,) = link_plan(lora.cfg)
-    lora.extend(lora_link)
-    t_lora: list[float] = []
-    t_cola: list[float] = []
-    knots: list[float] = []
-    mark: dict[str, float] = {}
-    tie, reset = cola.tie_knot, cola.reset_optimizer
-
-    def timed_tie():
-        sync(device)
-        mark["knot"] = time.perf_counter()
-        tie()
-
-    def timed_reset(policy):  # tie a knot -> extend the chain -> reset the optimizer
-        out = reset(policy)
-        if "knot" in mark:
-            sync(device)
-            knots.append(time.perf_counter() - mark.pop("knot"))
-            mark["knot_in_interval"] = knots[-1]
-        return out
-
-    def on_step(t, link):  # COLA finished step t: time it, then one LoRA step
-        sync(device)
-        now = time.perf_counter()
-        if "end" in mark and t > warm:
-            t_cola.append(now - mark["end"] - mark.pop("knot_in_interval", 0.0))
-        mark.pop("knot_in_interval", None)
-        lora.step(lr_at(lora.cfg, t - 1, lora_link))
-        sync(device)
-        mark["end"] = time.perf_counter()
-        if t > warm:
-            t_lora.append(mark["end"] - now)
-
-    cola.tie_knot, cola.reset_optimizer = timed_tie, timed_reset
-    run_chain(cola, cfg, on_step=on_step, log_every=cfg.total_steps)
-    lora_s = statistics.median(t_lora)
-    cola_s = statistics.median(t_cola) + sum(knots) / steps
-    return {"lora_step_s": lora_s, "cola_step_s": cola_s, "cola_over_lora_time": cola_s / lora_s}
-
-
-def rewrap_knot(name: str, device: str, dtype: torch.dtype, repeats: int = 2) -> float:
-    """Seconds per knot of the naive PEFT recipe: merge_and_unload + get_peft_model + a new AdamW."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(build(name, device, dtype), cfg)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        model = get_peft_model(model.merge_and_unload(), cfg)
-        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    del model
-    gc.collect()
-    return sum(times) / len(times)
 
 
 def project_grid(res: dict, lengths: dict) -> dict:
