@@ -5,7 +5,16 @@ Importable by any test: `from lm_fixtures import tiny_model, batch_fn, lm_loss` 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
+
+# the real SST-2 / SuperGLUE files (CI has them): $COLA_DATA_DIR, else ../shared/data beside the repository
+DATA_DIR = Path(os.environ.get("COLA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+needs_data = pytest.mark.skipif(not (DATA_DIR / "sst2" / "train.jsonl").exists(),
+                                reason="benchmark data absent: set COLA_DATA_DIR=/path/to/shared/data")
 
 VOCAB = 128
 # tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP spin-waiting made

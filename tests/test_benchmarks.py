@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lm_fixtures import DATA_DIR, needs_data
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,17 +36,11 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     assert "COLA/LoRA time" in md and "compile (default, aot_eager)" in md
 
 
+@needs_data
 def test_compile_lm_tiny_on_cpu(tmp_path):
     """benchmarks/compile_lm.py at the test's size: three variants, same accuracy, graphs only when compiled."""
-    import os
-
-    data = Path(os.environ.get("COLA_DATA_DIR", ROOT.parent / "shared" / "data"))
-    if not (data / "sst2" / "train.jsonl").exists():
-        import pytest
-
-        pytest.skip("benchmark data absent: set COLA_DATA_DIR=/path/to/shared/data")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_lm.py"), "--model", "tiny-llama",
-                          "--small", "--backend", "aot_eager", "--data-dir", str(data), "--out", str(tmp_path)],
+                          "--small", "--backend", "aot_eager", "--data-dir", str(DATA_DIR), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "compile_lm_cpu.json").read_text())["rows"]

@@ -8,12 +8,10 @@ inductor itself.
 """
 
 import dataclasses
-import os
-from pathlib import Path
 
 import pytest
 import torch
-from lm_fixtures import batch_fn, lm_loss, logits, tiny_model
+from lm_fixtures import DATA_DIR, batch_fn, lm_loss, logits, needs_data, tiny_model
 from torch._dynamo.utils import counters
 
 from cola_theory.chain import run_chain
@@ -126,12 +124,7 @@ def test_compiled_run_killed_and_resumed_equals_uninterrupted_eager(tmp_path):
     torch.testing.assert_close(losses(res), losses(ref), rtol=1e-5, atol=1e-6)
 
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("COLA_DATA_DIR", ROOT.parent / "shared" / "data"))
-
-
-@pytest.mark.skipif(not (DATA / "sst2" / "train.jsonl").exists(),
-                    reason="benchmark data absent: set COLA_DATA_DIR=/path/to/shared/data")
+@needs_data
 def test_run_lm_compiled_and_padded_matches_eager(tmp_path):
     """run_lm(compile=..., pad_to_multiple_of=16): same losses and accuracy as eager with no padding.
     (Llama: no dropout. With dropout, other shapes or compiled code draw other masks of the same law.)"""
@@ -146,7 +139,7 @@ def test_run_lm_compiled_and_padded_matches_eager(tmp_path):
                                                                          pad_to_multiple_of=16,
                                                                          compile_backend="aot_eager"))):
         model, _, _ = load_model("tiny-llama", device="cpu", tiny_vocab=128)
-        out[name] = run_lm(cfg, tmp_path / f"{name}.json", data_dir=str(DATA), device="cpu", progress=False,
+        out[name] = run_lm(cfg, tmp_path / f"{name}.json", data_dir=str(DATA_DIR), device="cpu", progress=False,
                            model_bundle=(model.eval(), tiny_tokenizer(), "tiny"))
     assert out["compiled"]["config"]["compile"] == "default"
     # lengths <= 64 padded to multiples of 16: at most 4 lengths x (train, eval) x 2 batch sizes (full, last)

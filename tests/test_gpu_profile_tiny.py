@@ -6,10 +6,9 @@ is the paper configuration itself.
 """
 
 import dataclasses
-import os
-from pathlib import Path
 
 import pytest
+from lm_fixtures import DATA_DIR, needs_data
 
 from cola_theory.config import link_plan
 from cola_theory.lm.models import load_model
@@ -17,10 +16,7 @@ from cola_theory.lm.train import run_lm
 from paper_repro.lm.profiles import gpu_jobs
 from paper_repro.lm.runner import tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("COLA_DATA_DIR", ROOT.parent / "shared" / "data"))
-pytestmark = pytest.mark.skipif(not (DATA / "sst2" / "train.jsonl").exists(),
-                                reason="benchmark data absent: set COLA_DATA_DIR=/path/to/shared/data")
+pytestmark = needs_data
 
 
 def first_job(group: str, task: str | None = None):
@@ -35,7 +31,7 @@ def test_paper_config_runs_on_a_tiny_model(tmp_path, group, task, tiny):
     cfg = dataclasses.replace(job.cfg, model=tiny, num_train=8, num_dev=4, num_test=6, batch_size=4,
                               eval_batch_size=8, max_length=96)
     model, _, _ = load_model(tiny, device="cpu", tiny_vocab=128)
-    payload = run_lm(cfg, tmp_path / "r.json", data_dir=str(DATA), model_bundle=(model.eval(), tiny_tokenizer(),
+    payload = run_lm(cfg, tmp_path / "r.json", data_dir=str(DATA_DIR), model_bundle=(model.eval(), tiny_tokenizer(),
                      "tiny"), device="cpu", progress=False)
     m, chain = payload["metrics"], payload["config"]["chain"]
     assert m["status"] == "finished" and 0.0 <= m["test_acc"] <= 1.0 and 0.0 <= m["dev_acc"] <= 1.0
