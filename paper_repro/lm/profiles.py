@@ -10,10 +10,15 @@ Profiles
 - cpu: SmolLM2-135M (Q4_1 GGUF expanded to float32, NOT the original weights) on real SST-2 and RTE subsets,
   LoRA vs COLA (3 links) and a chain-length run; see `cpu_jobs` for the measured timings.
 - gpu: the paper's scale (see `gpu_jobs`).
+- real: SmolLM2-135M at the paper's protocol (MeZO sampling, 5 epochs, the LR grid, 5 seeds, 7 tasks) with the
+  ablations that ask what makes a chain win (see `real_jobs`); meant for a GPU.
+- real-cpu: a FALLBACK subset of `real` for a CPU (SST-2 and RTE, LoRA vs COLA-3, seeds 0-2, LR 1e-3 / 8e-4);
+  its jobs ARE `real` jobs (same configs, same result files), so they count towards `real` too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,7 +28,7 @@ from pathlib import Path
 
 from cola_theory.lm.train import LMRunConfig
 
-PROFILES = ("smoke", "cpu", "gpu")
+PROFILES = ("smoke", "cpu", "gpu", "real", "real-cpu")
 LR_GRID = (1e-3, 8e-4, 5e-4, 1e-4, 5e-5)  # paper section 3.4, selected on dev
 PAPER_SEEDS = (0, 1, 2, 3, 4)  # 5 seeds; the paper's seed values are [U]
 PAPER_TASKS = ("sst2", "wsc", "cb", "wic", "boolq", "multirc", "rte")
@@ -169,8 +174,147 @@ def gpu_jobs() -> list[LMJob]:
     return _dedupe(jobs)
 
 
+# --- real: SmolLM2-135M at the paper's protocol -------------------------------------------------------------
+# Everything as `_paper_cfg` (MeZO sampling 1000 / 500 (CB 100) / up to 1000, 5 epochs, batch 8, r=8, alpha=16
+# on q_proj / v_proj, the LR grid selected on dev, seeds 0-4) on the 7 tasks, but with SmolLM2-135M: the Q4_1
+# GGUF expanded to float32 (not OPT-1.3B / Llama-2-7B, not the original bf16 weights).
+REAL_MODEL = CPU_MODEL
+REAL_DTYPE = "float32"  # as on the CPU; "auto" would mean bf16 on a GPU (a second, avoidable deviation)
+REAL_TASKS = PAPER_TASKS
+# max_length: the smallest multiple of 32 that holds the longest prompt + candidate of the task's train and
+# validation files under the SmolLM2 tokenizer (nothing is cut). Longest, measured 2026-12-01: SST-2 67, RTE 313,
+# CB 283, WSC 134, WiC 96, MultiRC 777, BoolQ 1287 (validation; 1024 would cut 1 of 3270, 512 cut 13).
+REAL_MAX_LENGTH = {"sst2": 96, "rte": 320, "cb": 288, "wsc": 160, "wic": 96, "multirc": 800, "boolq": 1312}
+# tasks whose labelled train split is not in the offline data: train / dev are drawn from the validation rows
+# that are not in the test sample (`sample_protocol(split_validation_as_train=True)`), a labelled deviation
+VALIDATION_AS_TRAIN = ("boolq",)
+# effective train size under MeZO's sampling (train + dev come from the train split, dev taken first):
+# WSC 554 - 500 = 54, CB 250 - 100 = 150; BoolQ from validation: 3270 - 1000 test = 2270 >= 1500
+EFFECTIVE_TRAIN = {"wsc": 54, "cb": 150}
+ABLATION_LINKS = (2, 3, 5)  # chain length 2 / 3 / 5 at 5 epochs
+REWARMUP_FRACTION = 0.1  # jagged cosine: re-warm-up over 10% of a link's steps after each knot (>= 1 step)
+# projected GPU time: 10 GPU-s per 625-step run (SST-2 protocol size), measured on an H200 with 12 processes
+# sharing it; scaled by optimizer steps (evaluation, longer prompts and best-dev evaluation are not modelled)
+GPU_S_PER_625_STEPS = 10.0
+
+_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(LMRunConfig))
+
+
+def steps_per_epoch(task: str, num_train: int = 1000, batch_size: int = 8) -> int:
+    """Optimizer steps per epoch of the MeZO sample of `task` (WSC and CB have fewer train rows)."""
+    return math.ceil(min(num_train, EFFECTIVE_TRAIN.get(task, num_train)) / batch_size)
+
+
+def rewarmup_steps(task: str, n_links: int = 3, epochs: float = 5.0) -> int:
+    """Jagged cosine's re-warm-up after each knot: REWARMUP_FRACTION of a link's steps, at least 1."""
+    return max(1, round(REWARMUP_FRACTION * steps_per_epoch(task) * epochs / n_links))
+
+
+def _real_extras(task: str) -> dict:
+    """Protocol settings that need LMRunConfig fields; each is used as soon as the field exists."""
+    extras = {}
+    # TODO(best_dev): MeZO's --load_best_model_at_end --evaluation_strategy epoch (best dev loss of the 5 epochs)
+    if "best_dev" in _CFG_FIELDS:
+        extras["best_dev"] = True
+    # TODO(split_validation_as_train): BoolQ's train split is not in the offline data; needs an LMRunConfig field
+    # (so the result says so) that run_lm passes to sample_protocol and runner._data_problem honours
+    if task in VALIDATION_AS_TRAIN and "split_validation_as_train" in _CFG_FIELDS:
+        extras["split_validation_as_train"] = True
+    return extras
+
+
+def _real_cfg(task: str, **kw) -> LMRunConfig:
+    return _paper_cfg(REAL_MODEL, task, max_length=REAL_MAX_LENGTH[task], dtype=REAL_DTYPE, **_real_extras(task),
+                      **kw)
+
+
+def jagged_cosine_kwargs(task: str, n_links: int = 3) -> dict | None:
+    """LMRunConfig kwargs of the jagged-cosine ablation (ReLoRA: LR to 0 at each knot, short re-warm-up), or None
+    while LMRunConfig has no `chain` override to carry ChainConfig.restart_warmup_steps (TODO(chain))."""
+    if "chain" not in _CFG_FIELDS:
+        return None
+    return dict(lr_schedule="jagged_cosine", chain={"restart_warmup_steps": rewarmup_steps(task, n_links)})
+
+
+# ablation variants beyond the main / Table 4 chains: name -> LMRunConfig kwargs (None = pending a field)
+def ablation_variants(task: str) -> dict[str, dict | None]:
+    return {"lr restart per link": dict(method="cola", n_links=3, lr_schedule="restart"),
+            "lr jagged cosine": (None if (j := jagged_cosine_kwargs(task)) is None else
+                                 dict(method="cola", n_links=3, **j)),
+            "no optimizer reset": dict(method="cola", n_links=3, optimizer_reset="none"),
+            **{f"COLA-{n}": dict(method="cola", n_links=n) for n in ABLATION_LINKS if n not in (2, 3)}}
+
+
+def real_jobs(tasks: tuple[str, ...] = REAL_TASKS, seeds: tuple[int, ...] = PAPER_SEEDS,
+              lrs: tuple[float, ...] = LR_GRID, ablation: bool = True, stepdown: bool = True) -> list[LMJob]:
+    """SmolLM2-135M at the paper's protocol, every (task, variant, seed) over the whole LR grid (own dev choice):
+
+    real_main: LoRA vs COLA-3 on the 7 tasks (Table 1 analogue); real_table4: chain length 1 / 2 / 3 at 5 epochs;
+    real_fig3: rank step-down (rank 8 for 3 epochs, then 2 / 4 / 6 / 8 for 2 epochs) on SST-2, RTE, WSC;
+    real_ablation (vs LoRA and COLA-3, on all 7 tasks): LR across links (global linear decay = COLA-3;
+    restart per link; jagged cosine with a re-warm-up after each knot), optimizer reset full (= COLA-3) / none,
+    chain length 2 / 3 / 5. BoolQ: train / dev carved out of the validation split (`VALIDATION_AS_TRAIN`).
+    """
+    jobs: list[LMJob] = []
+    for task, lr, seed in product(tasks, lrs, seeds):
+        kw = dict(lr=lr, seed=seed)
+        step = stepdown and task in STEPDOWN_TASKS
+        abl = ("real_ablation",) if ablation else ()
+        jobs.append(LMJob(_real_cfg(task, method="lora", zero_shot=lr == LR_GRID[0], **kw),
+                          ("real_main", "real_table4", *abl, *(("real_fig3",) if step else ()))))
+        jobs.append(LMJob(_real_cfg(task, method="cola", n_links=MAIN_LINKS, **kw),
+                          ("real_main", "real_table4", *abl)))
+        jobs.append(LMJob(_real_cfg(task, method="cola", n_links=2, **kw), ("real_table4", *abl)))
+        if step:
+            for r in STEPDOWN_RANKS:
+                cfg = _real_cfg(task, method="cola", n_links=2, link_epochs=(3.0, 2.0), rank=(8, r), **kw)
+                jobs.append(LMJob(cfg, ("real_fig3",)))
+        for variant in ablation_variants(task).values() if ablation else ():
+            if variant is not None:
+                jobs.append(LMJob(_real_cfg(task, **variant, **kw), ("real_ablation",)))
+    return _dedupe(jobs)
+
+
+def real_pending(tasks: tuple[str, ...] = REAL_TASKS) -> list[str]:
+    """What the `real` profile leaves out until LMRunConfig has the field it needs (printed by --dry-run)."""
+    runs = len(LR_GRID) * len(PAPER_SEEDS)
+    out = [f"{name}: {runs * len(tasks)} runs, needs LMRunConfig.chain (ChainConfig.restart_warmup_steps)"
+           for name, v in ablation_variants(tasks[0]).items() if v is None]
+    if "best_dev" not in _CFG_FIELDS:
+        out.append("best-dev checkpoint (MeZO load_best_model_at_end): every run ends at the last step until "
+                   "LMRunConfig.best_dev exists")
+    if "split_validation_as_train" not in _CFG_FIELDS:
+        n = len(real_jobs(tuple(t for t in tasks if t in VALIDATION_AS_TRAIN)))
+        out.append(f"{', '.join(VALIDATION_AS_TRAIN)}: {n} runs are skipped as no-data (train split absent) until "
+                   "LMRunConfig.split_validation_as_train exists and the runner passes it to run_lm")
+    return out
+
+
+REAL_CPU_TASKS = ("sst2", "rte")
+REAL_CPU_SEEDS = (0, 1, 2)
+REAL_CPU_LRS = (1e-3, 8e-4)  # the top of the grid: the LRs dev picks for short runs
+
+
+def real_cpu_jobs() -> list[LMJob]:
+    """FALLBACK when no GPU is available: the `real` jobs of LoRA vs COLA-3 on SST-2 and RTE, seeds 0-2, LR 1e-3
+    and 8e-4 only (the same configs and result files as `real`, so they count towards it). A 2-LR grid and 3
+    seeds are not the paper's 5 x 5; the report says so. ~5 min per SST-2 run, ~30 min per RTE run on 2 cores."""
+    jobs = real_jobs(REAL_CPU_TASKS, REAL_CPU_SEEDS, REAL_CPU_LRS, ablation=False, stepdown=False)
+    return [LMJob(j.cfg, ("real_cpu",)) for j in jobs if j.cfg.n_links in (1, MAIN_LINKS)]
+
+
+def projected_gpu_seconds(jobs: list[LMJob]) -> float | None:
+    """Projected H200 seconds of SmolLM2 protocol jobs: GPU_S_PER_625_STEPS per 625 optimizer steps (None: no
+    such jobs, or a job of another model)."""
+    if not jobs or any(j.cfg.model != REAL_MODEL for j in jobs):
+        return None
+    steps = sum(steps_per_epoch(j.cfg.task, j.cfg.num_train, j.cfg.batch_size) * j.cfg.epochs for j in jobs)
+    return steps * GPU_S_PER_625_STEPS / 625
+
+
 def jobs_for(profile: str) -> list[LMJob]:
     """The LM job list of a profile (raises ValueError naming the choices)."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r} is unknown; use one of {PROFILES}")
-    return {"smoke": smoke_jobs, "cpu": cpu_jobs, "gpu": gpu_jobs}[profile]()
+    makers = {"smoke": smoke_jobs, "cpu": cpu_jobs, "gpu": gpu_jobs, "real": real_jobs, "real-cpu": real_cpu_jobs}
+    return makers[profile]()
