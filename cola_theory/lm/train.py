@@ -6,8 +6,11 @@ self-describing result file {config, history, metrics, meta}. Resumable through 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,66 @@ from cola_theory.results import environment_meta, save_result
 METHODS = ("lora", "cola")
 # torch.compile modes; "reduce-overhead" and "max-autotune" also capture CUDA graphs (on a CUDA device)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# ChainConfig fields an LM run sets through its own LMRunConfig fields (the name to use instead)
+CHAIN_OWNED = {"total_steps": "epochs", "knots": "link_epochs", "n_links": "n_links", "rank": "rank",
+               "alpha": "alpha", "lr": "lr", "lr_schedule": "lr_schedule", "optimizer_reset": "optimizer_reset",
+               "weight_decay": "weight_decay", "seed": "seed"}
+# the other ChainConfig fields: settable per LM run through LMRunConfig.chain_overrides
+CHAIN_OVERRIDES = tuple(f.name for f in dataclasses.fields(ChainConfig) if f.name not in CHAIN_OWNED
+                        and f.name != "extra")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _override_type_error(name: str, value: Any) -> str | None:
+    """Why `value` has the wrong type for ChainConfig field `name` (ChainConfig checks allowed values only)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in ("optimizer", "init", "frozen_factor") and not isinstance(value, str):
+        return "need a string"
+    if name in ("warmup_steps", "restart_warmup_steps") and not (isinstance(value, int) and not isinstance(value, bool)
+                                                              and value >= 0):
+        return "need an integer >= 0 (and < the run's total steps)"
+    if name == "min_lr_ratio" and not number:
+        return "need a number in [0, 1]"
+    if name == "init_std" and not (value is None or number):
+        return "need a number > 0 or None"
+    if name == "fresh_init" and not isinstance(value, bool):
+        return "need True or False"
+    if name == "betas" and not (isinstance(value, tuple) and len(value) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in value)):
+        return "need two numbers in [0, 1), e.g. (0.9, 0.999)"
+    return None
+
+
+def normalise_chain_overrides(value: Any) -> tuple[tuple[str, Any], ...]:
+    """A dict or (field, value) pairs of ChainConfig fields -> a sorted tuple of pairs, validated with
+    ChainConfig's own checks; a field LMRunConfig owns (lr, rank, ...) raises naming the field to use."""
+    where = "LMRunConfig.chain_overrides"
+    try:
+        pairs = [(k, v) for k, v in (value.items() if isinstance(value, Mapping) else value)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}={value!r} is invalid: give a dict {{field: value}} or (field, value) pairs, "
+                         f"fields from {CHAIN_OVERRIDES}") from None
+    out: dict[str, Any] = {}
+    for name, v in pairs:
+        if name in CHAIN_OWNED:
+            raise ValueError(f"{where}[{name!r}]: ChainConfig.{name} is set by LMRunConfig.{CHAIN_OWNED[name]}; "
+                             f"set that field instead")
+        if name not in CHAIN_OVERRIDES:
+            raise ValueError(f"{where}[{name!r}]: not a ChainConfig field an LM run can set; use one of "
+                             f"{CHAIN_OVERRIDES}")
+        if name in out:
+            raise ValueError(f"{where}: {name!r} is given twice")
+        v = tuple(v) if isinstance(v, list) else v
+        if (why := _override_type_error(name, v)) is not None:
+            raise ValueError(f"{where}: ChainConfig.{name}={v!r} is invalid: {why}")
+        out[name] = v
+    # allowed values (optimizer, init, ...): ChainConfig's own checks; the step counts are checked by chain_config
+    probe = {k: v for k, v in out.items() if k not in ("warmup_steps", "restart_warmup_steps")}
+    try:
+        ChainConfig(total_steps=1, **probe)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -49,7 +112,10 @@ class LMRunConfig:
     max_length: int = 256
     eval_dev: bool = True
     zero_shot: bool = False  # also evaluate the untrained model on the test sample
-    fp32_master: bool = False
+    # fold each knot into a float32 master copy of the adapted weights; None = auto: when they are bf16/fp16
+    # (a bf16 fold rounds W at every knot: the smaller the link, the more of it is lost; the result's
+    # metrics["fold"] says how the run folded)
+    fp32_master: bool | None = None
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "float32" | "bfloat16"
     checkpoint_every: int = 0  # also checkpoint every k steps (knots are always checkpointed)
     group_by_length: bool = True  # batches of similar length (less padding); False: plain shuffled batches
@@ -60,6 +126,13 @@ class LMRunConfig:
     compile: str = "off"
     pad_to_multiple_of: int = 0
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": graph capture without code generation)
+    # ChainConfig fields that LMRunConfig does not own (CHAIN_OVERRIDES: optimizer, betas, warmup_steps,
+    # restart_warmup_steps, min_lr_ratio, init, init_std, fresh_init, frozen_factor); a dict is accepted.
+    # Stored as sorted (field, value) pairs, written to results as a dict.
+    chain_overrides: tuple[tuple[str, Any], ...] = ()
+    # MeZO's load_best_model_at_end: dev loss after every epoch, the best epoch's model is the one tested
+    # (cola_theory.lm.best_dev; metrics best_epoch, dev_loss_per_epoch, best_dev_loss)
+    best_dev: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +159,12 @@ class LMRunConfig:
             object.__setattr__(self, "pad_to_multiple_of", 32)  # one graph (and CUDA graph) per length bucket
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"LMRunConfig.dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
+        for name in ("fp32_master", "best_dev"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name == "fp32_master")):
+                raise ValueError(f"LMRunConfig.{name}={value!r}: use True or False"
+                                 + (" (or None = auto)" if name == "fp32_master" else ""))
+        object.__setattr__(self, "chain_overrides", normalise_chain_overrides(self.chain_overrides))
 
     def chain_config(self, steps_per_epoch: int) -> ChainConfig:
         """The chain schedule: links of `link_epochs` (or equal shares of `epochs`) in optimizer steps."""
@@ -93,16 +172,47 @@ class LMRunConfig:
         T, knots = knots_from_epochs(per_link, steps_per_epoch)
         return ChainConfig(total_steps=T, knots=knots, n_links=self.n_links, rank=self.rank, alpha=self.alpha,
                            lr=self.lr, lr_schedule=self.lr_schedule, optimizer_reset=self.optimizer_reset,
-                           weight_decay=self.weight_decay, seed=self.seed)
+                           weight_decay=self.weight_decay, seed=self.seed, **dict(self.chain_overrides))
+
+    def override(self, settings: Mapping[str, Any]) -> LMRunConfig:
+        """A copy with `settings` applied: LMRunConfig fields and chain overrides (CHAIN_OVERRIDES names) alike;
+        an unknown name raises listing the choices; values are validated as at construction."""
+        own = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(settings) - own - set(CHAIN_OVERRIDES))
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}: use an LMRunConfig field {sorted(own)} or a chain "
+                             f"setting {list(CHAIN_OVERRIDES)}")
+        changes = {k: v for k, v in settings.items() if k in own}
+        chain = {k: v for k, v in settings.items() if k not in own}
+        if chain:
+            changes["chain_overrides"] = {**dict(normalise_chain_overrides(changes.get(
+                "chain_overrides", self.chain_overrides))), **chain}
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["chain_overrides"] = dict(self.chain_overrides)  # JSON-stable ({} at the default)
+        return d
 
 
-def _dtype(name: str, device: str) -> torch.dtype:
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """LMRunConfig.dtype on `device`: "auto" = bfloat16 on a CUDA device, float32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, name)
+
+
+_dtype = resolve_dtype  # the former private name (paper_repro.lm.runner imports it)
+
+
+def fold_mode(fp32_master: bool | None, weight_dtype: torch.dtype) -> tuple[bool, str]:
+    """(use a float32 master copy, how knots fold) for adapted weights of `weight_dtype`; None = auto."""
+    master = weight_dtype in LOW_PRECISION if fp32_master is None else fp32_master
+    if master:
+        return True, "float32 master copy"
+    if weight_dtype in LOW_PRECISION:
+        return False, f"in place {str(weight_dtype).removeprefix('torch.')}"
+    return False, f"{str(weight_dtype).removeprefix('torch.')} weights"
 
 
 def make_batches(n: int, batch_size: int, seed: int, lengths: list[int] | None = None, mega: int = 50):
@@ -148,6 +258,14 @@ def _inside(root: str | Path, path: str | Path, what: str) -> Path:
     return target
 
 
+def _target_dtype(model: torch.nn.Module, targets: tuple[str, ...]) -> torch.dtype:
+    """dtype of the weights the chain folds into (the first target module's), else of the model."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return module.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def _shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
@@ -187,7 +305,7 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     sample = sample_protocol(cfg.task, seed=cfg.seed, num_train=cfg.num_train, num_dev=cfg.num_dev,
                              num_test=cfg.num_test, data_dir=data_dir,
                              split_validation_as_train=split_validation_as_train)
-    model, tok, note = model_bundle or load_model(cfg.model, device=device, dtype=_dtype(cfg.dtype, device))
+    model, tok, note = model_bundle or load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if model_bundle else None
     train = [scoring.encode_example(tok, ex, cfg.max_length) for ex in sample["train"]]  # dev/test: accuracy()
     lengths = [e.max_len for e in train] if cfg.group_by_length else None
@@ -225,8 +343,13 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
         # graphs of an earlier run in this process belong to a model that is gone; they would only count
         # against Dynamo's recompile limit (per code object, shared by every PeftModel)
         torch._dynamo.reset()
+    master, metrics["fold"] = fold_mode(cfg.fp32_master, _target_dtype(model, cfg.target_modules))
+    if metrics["fold"].startswith("in place"):
+        warnings.warn(f"LMRunConfig.fp32_master=False on a {metrics['fold'][9:]} base: every knot rounds W to "
+                      f"{metrics['fold'][9:]} (small links lose much of their update); fp32_master=None folds in "
+                      "float32", stacklevel=2)
     backend = PeftChainBackend(model, chain_cfg, batch_fn, loss_fn, target_modules=list(cfg.target_modules),
-                               fp32_master=cfg.fp32_master, device=device, ddp=ddp,
+                               fp32_master=master, device=device, ddp=ddp,
                                compile=None if cfg.compile == "off" else cfg.compile,
                                compile_backend=cfg.compile_backend)
     ckpt_cls = dist_mod.RankZeroCheckpointer if ddp else KnotCheckpointer

@@ -39,7 +39,8 @@ MAIN_LINKS = 3  # chain length of COLA in the main tables is [U]; 3 is the large
 
 # LMRunConfig fields added after results were published, with their defaults: at the default they stay out of
 # the job id's digest, so earlier result files keep their names (and `runner.existing_result` fills them in)
-LATE_FIELDS = {"compile": "off", "pad_to_multiple_of": 0, "compile_backend": "inductor"}
+LATE_FIELDS = {"compile": "off", "pad_to_multiple_of": 0, "compile_backend": "inductor", "chain_overrides": {},
+               "best_dev": False}
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def _dedupe(jobs: list[LMJob]) -> list[LMJob]:
 def smoke_jobs() -> list[LMJob]:
     """Random tiny-opt on 16 real SST-2 rows, LoRA vs COLA (2 links): the whole LM path in a few seconds."""
     base = dict(model="tiny-opt", task="sst2", epochs=2.0, batch_size=8, eval_batch_size=16, num_train=16,
-                num_dev=8, num_test=16, max_length=64, lr=1e-3, rank=4)
+                num_dev=8, num_test=16, max_length=64, lr=1e-3, rank=4,
+                fp32_master=False)  # float32 weights: the same folds as auto; explicit, so the job ids stay
     return [LMJob(LMRunConfig(method="lora", **base), ("smoke",)),
             LMJob(LMRunConfig(method="cola", n_links=2, **base), ("smoke",))]
 
@@ -119,10 +121,11 @@ def cpu_jobs() -> list[LMJob]:
     jobs: list[LMJob] = []
     for task, seeds, sizes in (("sst2", CPU_SEEDS, CPU_SST2), ("rte", CPU_RTE_SEEDS, CPU_RTE)):
         for seed in seeds:
-            common = dict(model=CPU_MODEL, task=task, lr=CPU_LR, seed=seed, eval_dev=False, **sizes)
+            common = dict(model=CPU_MODEL, task=task, lr=CPU_LR, seed=seed, eval_dev=False, fp32_master=False,
+                          **sizes)  # fp32_master: float32 weights fold alike; explicit, so the job ids stay
             jobs.append(LMJob(LMRunConfig(method="lora", zero_shot=True, **common), ("cpu",)))
             jobs.append(LMJob(LMRunConfig(method="cola", n_links=3, **common), ("cpu",)))
-    common = dict(model=CPU_MODEL, task="sst2", lr=CPU_LR, seed=0, eval_dev=False, **CPU_SST2)
+    common = dict(model=CPU_MODEL, task="sst2", lr=CPU_LR, seed=0, eval_dev=False, fp32_master=False, **CPU_SST2)
     jobs.append(LMJob(LMRunConfig(method="cola", n_links=2, **common), ("cpu", "chain_length")))
     return _dedupe(jobs)
 
