@@ -1,0 +1,163 @@
+"""Statistics of LoRA-vs-COLA comparisons: LR chosen on dev per seed, paired differences, bootstrap, sign test.
+
+Rules (pure functions of a frame of runs with columns task, variant, seed, lr, dev_acc, test_acc; accuracies in
+percent):
+
+- LR selection, per (task, variant, seed): the LR with the highest dev accuracy among the runs that finished
+  (a finite dev and test accuracy), as MeZO picks its LR by dev accuracy. Ties (equal dev accuracy, common on a
+  100-500 example dev set) go to the LOWER LR: deterministic, and the smaller step is the conservative choice.
+  A cell where no run has a dev accuracy is kept only when it has exactly one LR ("single LR"); otherwise it is
+  dropped (no LR can be chosen without looking at test).
+- Paired difference, per task: treatment - control at the same seed (same seed = same MeZO sample, so the pair
+  shares its train / dev / test data); seeds present in only one arm are left out.
+- Interval: 95% percentile bootstrap of the mean paired difference (10,000 resamples of the seeds, with
+  replacement; numpy Generator seeded, so the interval is reproducible). Pooled over tasks: the mean of the
+  per-task mean differences (every task weighs the same), resampling seeds WITHIN each task.
+  With 5 seeds a percentile interval is narrow (it under-covers); it is a description, not a test.
+- Sign test: exact two-sided binomial test (scipy.stats.binomtest, p = 1/2) on the signs of the paired
+  differences; ties (difference exactly 0) are DROPPED and counted.
+- Verdict from the interval: "supported" (lower bound > 0: the treatment is better), "not supported" (upper
+  bound < 0: the treatment is worse), "inconclusive at this scale" (the interval contains 0), "insufficient
+  data" (fewer than 2 pairs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+N_RESAMPLES = 10_000
+LEVEL = 0.95
+BOOT_SEED = 0
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, INSUFFICIENT = (
+    "supported", "not supported", "inconclusive at this scale", "insufficient data")
+VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, INSUFFICIENT)
+LR_RULE = ("LR chosen per (task, variant, seed) by the highest dev accuracy over the grid (ties -> the lower LR)")
+_TOL = 1e-9  # dev accuracies closer than this are a tie
+
+
+def select_lr_per_seed(runs: pd.DataFrame, keys: Sequence[str] = ("task", "variant", "seed")) -> pd.DataFrame:
+    """One row per `keys` cell: the dev-selected run's lr, dev_acc, test_acc, plus lrs_tried and selected_by."""
+    keys = list(keys)
+    cols = [*keys, "lr", "dev_acc", "test_acc", "lrs_tried", "selected_by"]
+    if runs is None or runs.empty:
+        return pd.DataFrame(columns=cols)
+    out = []
+    for cell, grp in runs.groupby(keys, sort=True):
+        cell = cell if isinstance(cell, tuple) else (cell,)
+        done = grp[np.isfinite(grp["test_acc"].astype(float))]
+        with_dev = done[np.isfinite(done["dev_acc"].astype(float))]
+        if len(with_dev):
+            best = with_dev["dev_acc"].max()
+            tied = with_dev[with_dev["dev_acc"] >= best - _TOL].sort_values("lr", kind="stable")
+            row, how = tied.iloc[0], "best dev" + (f" (tie of {len(tied)} -> lower LR)" if len(tied) > 1 else "")
+        elif done["lr"].nunique() == 1:
+            row, how = done.iloc[0], "single LR"
+        else:
+            continue  # no dev accuracy and several LRs: nothing can be chosen without test
+        out.append({**dict(zip(keys, cell)), "lr": float(row["lr"]), "dev_acc": float(row["dev_acc"]),
+                    "test_acc": float(row["test_acc"]), "lrs_tried": int(grp["lr"].nunique()), "selected_by": how})
+    return pd.DataFrame(out, columns=cols)
+
+
+def paired(sel: pd.DataFrame, treatment: str, control: str = "LoRA") -> pd.DataFrame:
+    """Per (task, seed) present in both arms: test_acc of treatment and control and their difference."""
+    cols = ["task", "seed", "treatment", "control", "diff"]
+    if sel is None or sel.empty:
+        return pd.DataFrame(columns=cols)
+    t = sel[sel["variant"] == treatment][["task", "seed", "test_acc"]]
+    c = sel[sel["variant"] == control][["task", "seed", "test_acc"]]
+    both = t.merge(c, on=["task", "seed"], suffixes=("_t", "_c")).sort_values(["task", "seed"])
+    return pd.DataFrame({"task": both["task"], "seed": both["seed"], "treatment": both["test_acc_t"],
+                         "control": both["test_acc_c"], "diff": both["test_acc_t"] - both["test_acc_c"]},
+                        columns=cols).reset_index(drop=True)
+
+
+def bootstrap_ci(groups: Sequence[Sequence[float]], n_resamples: int = N_RESAMPLES, level: float = LEVEL,
+                 seed: int = BOOT_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean_g(mean(groups[g])): seeds resampled with replacement within each
+    group (one group = one task's paired differences). (nan, nan) if a group is empty or there are none."""
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    if not arrays or any(a.size == 0 for a in arrays):
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    stat = np.zeros(n_resamples)
+    for a in arrays:
+        stat += a[rng.integers(0, a.size, size=(n_resamples, a.size))].mean(axis=1)
+    stat /= len(arrays)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(stat, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class SignTest:
+    n_pos: int
+    n_neg: int
+    n_ties: int  # dropped
+    p: float  # exact two-sided binomial p-value; nan when every pair is a tie (or there are none)
+
+
+def sign_test(diffs: Sequence[float]) -> SignTest:
+    """Exact two-sided sign test of the paired differences (ties dropped)."""
+    from scipy.stats import binomtest
+
+    d = np.asarray(diffs, dtype=float)
+    d = d[np.isfinite(d)]
+    pos, neg = int((d > 0).sum()), int((d < 0).sum())
+    p = float(binomtest(pos, pos + neg, 0.5, alternative="two-sided").pvalue) if pos + neg else math.nan
+    return SignTest(pos, neg, int(d.size - pos - neg), p)
+
+
+def verdict(lo: float, hi: float, n_pairs: int) -> str:
+    """The wording of an interval: supported / not supported / inconclusive at this scale / insufficient data."""
+    if n_pairs < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
+        return INSUFFICIENT
+    if lo > 0:
+        return SUPPORTED
+    if hi < 0:
+        return NOT_SUPPORTED
+    return INCONCLUSIVE
+
+
+def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Sequence[str] | None = None,
+            n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
+    """treatment - control per task and pooled (task = "pooled"): n_pairs, mean_diff, ci_lo, ci_hi, the sign
+    test (n_pos, n_neg, n_ties, sign_p) and the verdict. Tasks in `tasks` order (default: sorted); tasks without
+    a pair are left out; the pooled row averages the tasks that have one."""
+    pairs = paired(sel, treatment, control)
+    order = list(tasks) if tasks is not None else sorted(set(pairs["task"]))
+    rows, groups = [], []
+    for task in order:
+        d = pairs.loc[pairs["task"] == task, "diff"].to_numpy(dtype=float)
+        if d.size == 0:
+            continue
+        groups.append(d)
+        rows.append(_row(task, treatment, control, [d], d, n_resamples, seed))
+    if groups:
+        rows.append(_row("pooled", treatment, control, groups, np.concatenate(groups), n_resamples, seed))
+    return pd.DataFrame(rows, columns=["task", "treatment", "control", "n_pairs", "n_tasks", "mean_diff", "ci_lo",
+                                       "ci_hi", "n_pos", "n_neg", "n_ties", "sign_p", "verdict", "diffs"])
+
+
+def _row(task, treatment, control, groups, flat, n_resamples, seed) -> dict:
+    lo, hi = bootstrap_ci(groups, n_resamples=n_resamples, seed=seed)
+    s = sign_test(flat)
+    return {"task": task, "treatment": treatment, "control": control, "n_pairs": int(flat.size),
+            "n_tasks": len(groups), "mean_diff": float(np.mean([g.mean() for g in groups])), "ci_lo": lo,
+            "ci_hi": hi, "n_pos": s.n_pos, "n_neg": s.n_neg, "n_ties": s.n_ties, "sign_p": s.p,
+            "verdict": verdict(lo, hi, int(flat.size)), "diffs": [float(x) for x in flat]}
+
+
+def describe(row) -> str:
+    """'+1.23 pp [0.40, 2.10] (5 pairs; sign test 5+/0-/0 ties, p = 0.0625)' for one `compare` row."""
+    ci = "no interval" if not math.isfinite(row["ci_lo"]) else f"[{row['ci_lo']:+.2f}, {row['ci_hi']:+.2f}]"
+    p = "p = -" if not math.isfinite(row["sign_p"]) else f"p = {row['sign_p']:.3g}"
+    ties = f", {row['n_ties']} tie(s) dropped" if row["n_ties"] else ""
+    where = f"{row['n_pairs']} pairs" + (f" over {row['n_tasks']} tasks" if row["task"] == "pooled" else "")
+    return (f"{row['mean_diff']:+.2f} pp, 95% CI {ci} ({where}; sign test {row['n_pos']}+/{row['n_neg']}-"
+            f"{ties}, {p})")

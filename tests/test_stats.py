@@ -1,0 +1,104 @@
+"""paper_repro.lm.stats on planted data: LR selection on dev, paired differences, bootstrap, sign test, verdicts."""
+
+from __future__ import annotations
+
+import math
+import sys
+from math import comb
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from paper_repro.lm import stats  # noqa: E402
+
+
+def runs_from(diffs: dict[str, list[float]], base: float = 70.0) -> pd.DataFrame:
+    """LoRA at `base` + seed, COLA-3 = LoRA + the planted difference; one LR, dev accuracy = test accuracy."""
+    rows = []
+    for task, ds in diffs.items():
+        for seed, d in enumerate(ds):
+            for variant, acc in (("LoRA", base + seed), ("COLA-3", base + seed + d)):
+                rows.append({"task": task, "variant": variant, "seed": seed, "lr": 1e-3, "dev_acc": acc,
+                             "test_acc": acc})
+    return pd.DataFrame(rows)
+
+
+def test_lr_is_chosen_on_dev_with_ties_to_the_lower_lr():
+    nan = math.nan
+    runs = pd.DataFrame([  # task, variant, seed, lr, dev, test
+        ("rte", "LoRA", 0, 1e-3, 60.0, 50.0), ("rte", "LoRA", 0, 1e-4, 58.0, 90.0),  # best test is NOT chosen
+        ("rte", "LoRA", 1, 1e-3, 61.0, 70.0), ("rte", "LoRA", 1, 5e-4, 61.0, 72.0),  # tie -> 5e-4
+        ("rte", "LoRA", 1, 8e-4, 61.0, 71.0),
+        ("rte", "LoRA", 2, 1e-3, nan, nan), ("rte", "LoRA", 2, 8e-4, 55.0, 65.0),  # a failed run is skipped
+        ("rte", "COLA-3", 0, 1e-3, nan, 66.0),  # no dev, one LR: kept
+        ("rte", "COLA-3", 1, 1e-3, nan, 66.0), ("rte", "COLA-3", 1, 8e-4, nan, 67.0),  # no dev, 2 LRs: dropped
+    ], columns=["task", "variant", "seed", "lr", "dev_acc", "test_acc"])
+    sel = stats.select_lr_per_seed(runs).set_index(["variant", "seed"])
+    assert sel.loc[("LoRA", 0), "lr"] == 1e-3 and sel.loc[("LoRA", 0), "test_acc"] == 50.0
+    assert sel.loc[("LoRA", 1), "lr"] == 5e-4 and "tie of 3" in sel.loc[("LoRA", 1), "selected_by"]
+    assert sel.loc[("LoRA", 2), "lr"] == 8e-4 and sel.loc[("LoRA", 2), "lrs_tried"] == 2
+    assert sel.loc[("COLA-3", 0), "selected_by"] == "single LR"
+    assert ("COLA-3", 1) not in sel.index
+    assert stats.select_lr_per_seed(runs.iloc[:0]).empty
+
+
+def test_paired_differences_are_exact_and_seed_matched():
+    planted = {"rte": [1.0, 2.0, -0.5, 3.0, 0.5], "wsc": [4.0, 4.0, 4.0]}
+    sel = stats.select_lr_per_seed(runs_from(planted))
+    sel = sel[~((sel["task"] == "wsc") & (sel["variant"] == "LoRA") & (sel["seed"] == 2))]  # one arm only
+    pairs = stats.paired(sel, "COLA-3")
+    assert list(pairs[pairs["task"] == "rte"]["diff"]) == pytest.approx(planted["rte"])
+    assert list(pairs[pairs["task"] == "wsc"]["seed"]) == [0, 1]
+    comp = stats.compare(sel, "COLA-3", tasks=("wsc", "rte", "cb")).set_index("task")
+    assert list(comp.index) == ["wsc", "rte", "pooled"]  # order kept, a task without pairs left out
+    assert comp.loc["rte", "mean_diff"] == pytest.approx(1.2)
+    assert comp.loc["pooled", "mean_diff"] == pytest.approx((1.2 + 4.0) / 2)  # mean of task means
+    assert comp.loc["pooled", "n_pairs"] == 7 and comp.loc["pooled", "n_tasks"] == 2
+    # constant differences: every resample has the same mean -> a degenerate interval at it
+    assert (comp.loc["wsc", "ci_lo"], comp.loc["wsc", "ci_hi"]) == pytest.approx((4.0, 4.0))
+
+
+def test_interval_excludes_zero_when_every_seed_gains_and_verdicts_follow_it():
+    comp = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [2.0, 3.0, 2.5, 3.5, 2.8]})), "COLA-3")
+    row = comp.set_index("task").loc["sst2"]
+    assert 2.0 <= row["ci_lo"] < row["mean_diff"] < row["ci_hi"] <= 3.5 and row["verdict"] == "supported"
+    worse = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [-2.0, -3.0, -1.0, -2.5, -4.0]})), "COLA-3")
+    assert worse.iloc[0]["ci_hi"] < 0 and worse.iloc[0]["verdict"] == "not supported"
+    mixed = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [-2.0, 3.0, -1.0, 2.5, 0.5]})), "COLA-3")
+    assert mixed.iloc[0]["ci_lo"] < 0 < mixed.iloc[0]["ci_hi"]
+    assert mixed.iloc[0]["verdict"] == "inconclusive at this scale"
+    one = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [5.0]})), "COLA-3")
+    assert one.iloc[0]["verdict"] == "insufficient data"
+    assert stats.verdict(math.nan, math.nan, 5) == "insufficient data"
+
+
+def test_bootstrap_is_seeded_and_matches_scipy_percentile():
+    from scipy.stats import bootstrap
+
+    d = np.random.default_rng(7).normal(1.0, 1.5, size=12)
+    a = stats.bootstrap_ci([d])
+    assert a == stats.bootstrap_ci([d]) and a != stats.bootstrap_ci([d], seed=1)  # seeded
+    ref = bootstrap((d,), np.mean, n_resamples=10_000, method="percentile", confidence_level=0.95,
+                    random_state=np.random.default_rng(123)).confidence_interval
+    assert a == pytest.approx((ref.low, ref.high), abs=0.08)
+    # pooled: seeds resampled within tasks; a task of constant differences only shifts the interval
+    pooled = stats.bootstrap_ci([d, np.full(3, 4.0)])
+    assert pooled == pytest.approx(((a[0] + 4) / 2, (a[1] + 4) / 2), abs=1e-9)
+    assert stats.bootstrap_ci([]) == pytest.approx((math.nan, math.nan), nan_ok=True)
+
+
+def test_sign_test_drops_ties_and_matches_the_hand_computed_binomial():
+    s = stats.sign_test([1.0, 2.0, 0.5, 3.0, 0.1, 0.2, -1.0, 0.0])  # 6 positive, 1 negative, 1 tie
+    assert (s.n_pos, s.n_neg, s.n_ties) == (6, 1, 1)
+    hand = 2 * (comb(7, 6) + comb(7, 7)) / 2**7  # P(X >= 6) doubled, X ~ Bin(7, 1/2) = 0.125
+    assert s.p == pytest.approx(hand) == pytest.approx(0.125)
+    assert stats.sign_test([1.0] * 5).p == pytest.approx(2 / 2**5)
+    assert math.isnan(stats.sign_test([0.0, 0.0]).p) and stats.sign_test([0.0, 0.0]).n_ties == 2
+    comp = stats.compare(stats.select_lr_per_seed(runs_from({"cb": [1.0, 0.0, 2.0, 0.0, -1.0]})), "COLA-3")
+    row = comp.iloc[0]
+    assert (row["n_pos"], row["n_neg"], row["n_ties"]) == (2, 1, 2) and row["sign_p"] == pytest.approx(1.0)
+    assert "2 tie(s) dropped" in stats.describe(row) and "+0.40 pp" in stats.describe(row)
