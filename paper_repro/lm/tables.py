@@ -20,6 +20,7 @@ import pandas as pd
 
 from cola_theory.results import load_if_valid
 from paper_repro import reference as ref
+from paper_repro.lm.profiles import LATE_FIELDS
 
 # Frozen parameter count N and the (d_in, d_out) of the adapted q_proj / v_proj of one layer, x layers.
 MODEL_DIMS = {
@@ -68,7 +69,8 @@ def load_lm_results(results_dir: Path, warn: Callable[[str], None] = print) -> p
             "last_rank": ranks[-1], "link_epochs": "-".join(f"{e:g}" for e in cfg.get("link_epochs") or ()),
             "epochs": float(cfg["epochs"]), "lr": float(cfg["lr"]), "seed": int(cfg["seed"]),
             "setting": setting_label(cfg),
-            "variant": json.dumps({k: v for k, v in cfg.items() if k not in _NOT_VARIANT}, sort_keys=True),
+            "variant": json.dumps({k: v for k, v in cfg.items() if k not in _NOT_VARIANT and not (  # a late field
+                k in LATE_FIELDS and v == LATE_FIELDS[k])}, sort_keys=True),  # at its default = a file without it
             "status": m.get("status", "unknown"), "test_acc": pct("test_acc"), "dev_acc": pct("dev_acc"),
             "zero_shot_acc": pct("zero_shot_test_acc"), "train_time_s": m.get("train_time_s", math.nan),
             "eval_time_s": m.get("eval_time_s", math.nan), "wall_time_s": m.get("wall_time_s", math.nan),
