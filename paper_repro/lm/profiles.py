@@ -216,7 +216,7 @@ def rewarmup_steps(task: str, n_links: int = 3, epochs: float = 5.0) -> int:
 def _real_extras(task: str) -> dict:
     """Protocol settings that need LMRunConfig fields; each is used as soon as the field exists."""
     extras = {}
-    # TODO(best_dev): MeZO's --load_best_model_at_end --evaluation_strategy epoch (best dev loss of the 5 epochs)
+    # MeZO's --load_best_model_at_end --evaluation_strategy epoch: the model of the best dev-loss epoch is tested
     if "best_dev" in _CFG_FIELDS:
         extras["best_dev"] = True
     # TODO(split_validation_as_train): BoolQ's train split is not in the offline data; needs an LMRunConfig field
@@ -232,11 +232,11 @@ def _real_cfg(task: str, **kw) -> LMRunConfig:
 
 
 def jagged_cosine_kwargs(task: str, n_links: int = 3) -> dict | None:
-    """LMRunConfig kwargs of the jagged-cosine ablation (ReLoRA: LR to 0 at each knot, short re-warm-up), or None
-    while LMRunConfig has no `chain` override to carry ChainConfig.restart_warmup_steps (TODO(chain))."""
-    if "chain" not in _CFG_FIELDS:
+    """LMRunConfig kwargs of the jagged-cosine ablation (ReLoRA: LR to 0 at each knot, then a short re-warm-up
+    back to the global cosine), or None while LMRunConfig cannot carry ChainConfig.restart_warmup_steps."""
+    if "chain_overrides" not in _CFG_FIELDS:
         return None
-    return dict(lr_schedule="jagged_cosine", chain={"restart_warmup_steps": rewarmup_steps(task, n_links)})
+    return dict(lr_schedule="jagged_cosine", chain_overrides={"restart_warmup_steps": rewarmup_steps(task, n_links)})
 
 
 # ablation variants beyond the main / Table 4 chains: name -> LMRunConfig kwargs (None = pending a field)
@@ -281,7 +281,7 @@ def real_jobs(tasks: tuple[str, ...] = REAL_TASKS, seeds: tuple[int, ...] = PAPE
 def real_pending(tasks: tuple[str, ...] = REAL_TASKS) -> list[str]:
     """What the `real` profile leaves out until LMRunConfig has the field it needs (printed by --dry-run)."""
     runs = len(LR_GRID) * len(PAPER_SEEDS)
-    out = [f"{name}: {runs * len(tasks)} runs, needs LMRunConfig.chain (ChainConfig.restart_warmup_steps)"
+    out = [f"{name}: {runs * len(tasks)} runs, needs LMRunConfig.chain_overrides (restart_warmup_steps)"
            for name, v in ablation_variants(tasks[0]).items() if v is None]
     if "best_dev" not in _CFG_FIELDS:
         out.append("best-dev checkpoint (MeZO load_best_model_at_end): every run ends at the last step until "
