@@ -56,21 +56,28 @@ def reset_optimizer_state(
             zeroed += size
         elif kind in ("magnitude", "random") and p > 0:
             for m in moments:
-                if kind == "magnitude":
-                    k = int(round(p * m.numel()))
-                    if k == 0:
-                        continue
-                    thresh = m.abs().flatten().kthvalue(k).values
-                    mask = m.abs() <= thresh
-                    # ties at the threshold could zero more than k: keep exactly the k smallest
-                    if int(mask.sum()) > k:
-                        order = m.abs().flatten().argsort()[:k]
-                        mask = torch.zeros(m.numel(), dtype=torch.bool, device=m.device)
-                        mask[order] = True
-                        mask = mask.view_as(m)
-                else:
-                    rand = torch.rand(m.shape, generator=generator, device="cpu").to(m.device)
-                    mask = rand < p
-                m.masked_fill_(mask, 0.0)
-                zeroed += int(mask.sum())
+                zeroed += prune_moment_(m, kind, p, generator)
     return {"reset_fraction": zeroed / total if total else 0.0, "reset_params": float(len(params))}
+
+
+@torch.no_grad()
+def prune_moment_(m: torch.Tensor, kind: str, p: float, generator: torch.Generator | None = None) -> int:
+    """Zero a fraction p of one moment tensor in place (ReLoRA): the smallest-|.| entries ("magnitude") or a
+    random subset ("random", drawn on the CPU from `generator`); returns how many entries were zeroed."""
+    if kind == "magnitude":
+        k = int(round(p * m.numel()))
+        if k == 0:
+            return 0
+        thresh = m.abs().flatten().kthvalue(k).values
+        mask = m.abs() <= thresh
+        # ties at the threshold could zero more than k: keep exactly the k smallest
+        if int(mask.sum()) > k:
+            order = m.abs().flatten().argsort()[:k]
+            mask = torch.zeros(m.numel(), dtype=torch.bool, device=m.device)
+            mask[order] = True
+            mask = mask.view_as(m)
+    else:
+        rand = torch.rand(m.shape, generator=generator, device="cpu").to(m.device)
+        mask = rand < p
+    m.masked_fill_(mask, 0.0)
+    return int(mask.sum())

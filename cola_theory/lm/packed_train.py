@@ -1,0 +1,214 @@
+"""`run_lm_packed`: a grid of `LMRunConfig`s (learning rates x seeds x reset policies ...) trained in ONE pass over
+one frozen base (`cola_theory.lm.packed`), each run written exactly as `run_lm` writes it.
+
+The runs of a pack share everything but `PACK_FREE` (and the per-run chain overrides of `PACK_FREE_CHAIN`):
+model, task, protocol sizes, chain shape, batch size, max_length. Each run keeps its own MeZO sample and batch
+order (its seed), its own A draws, learning-rate schedule, weight decay, optimizer and reset policy. Evaluation
+is packed the same way: run k's examples in run k's block, chunked exactly as `scoring.score_examples` chunks them.
+Result files carry `meta.packed = {"size", "index"}`; nothing else tells a packed result from a sequential one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cola_theory.chain import run_chain
+from cola_theory.lm import scoring
+from cola_theory.lm.packed import PackedChainBackend, merge_batches
+from cola_theory.lm.tasks import Example
+from cola_theory.lm.train import LMRunConfig, _dtype, _inside, make_batches
+from cola_theory.results import environment_meta, save_result
+
+PACK_FREE = ("lr", "seed", "weight_decay", "lr_schedule", "optimizer_reset", "zero_shot")
+PACK_FREE_CHAIN = ("warmup_steps", "restart_warmup_steps", "min_lr_ratio", "init", "init_std", "fresh_init")
+SPEED_ONLY = ("compile", "pad_to_multiple_of", "compile_backend")  # packed runs are eager, padded per step
+
+
+def pack_key(cfg: LMRunConfig) -> tuple:
+    """Configs with equal keys can share a pack (a hashable view of every field a pack must share)."""
+    d = cfg.to_dict()
+    shared = {k: v for k, v in d.items() if k not in PACK_FREE and k not in SPEED_ONLY and k != "chain_overrides"}
+    chain = {k: v for k, v in dict(d.get("chain_overrides") or ()).items() if k not in PACK_FREE_CHAIN}
+    return tuple(sorted((k, repr(v)) for k, v in {**shared, "chain_overrides": chain}.items()))
+
+
+def check_lm_packable(cfgs: Sequence[LMRunConfig]) -> None:
+    """Raise ValueError naming the first field that differs where a pack needs one value."""
+    if not cfgs:
+        raise ValueError("run_lm_packed needs at least one LMRunConfig")
+    ref = dict(pack_key(cfgs[0]))
+    for i, c in enumerate(cfgs):
+        if c.compile != "off":
+            raise ValueError(f"LMRunConfig.compile={c.compile!r} (run {i}): packed runs are eager; use compile='off'")
+        if getattr(c, "best_dev", False):
+            raise ValueError(f"LMRunConfig.best_dev=True (run {i}) is not supported by the packed engine yet; "
+                             "run it with run_lm (run_all.py --pack off)")
+        mine = dict(pack_key(c))
+        for name in ref:
+            if mine.get(name) != ref[name]:
+                raise ValueError(f"LMRunConfig.{name} differs within the pack (run 0: {ref[name]}, run {i}: "
+                                 f"{mine.get(name)}); only {PACK_FREE} and the chain overrides {PACK_FREE_CHAIN} "
+                                 "may differ between the runs of one pack")
+
+
+class _Encoder:
+    """encode_example with a cache: runs of one pack mostly score the same examples."""
+
+    def __init__(self, tok: Any, max_length: int) -> None:
+        self.tok, self.max_length, self.cache = tok, max_length, {}
+
+    def __call__(self, ex: Example) -> scoring.EncodedExample:
+        if ex not in self.cache:
+            self.cache[ex] = scoring.encode_example(self.tok, ex, self.max_length)
+        return self.cache[ex]
+
+
+@torch.no_grad()
+def packed_scores(model: torch.nn.Module, encode: _Encoder, examples: Sequence[Sequence[Example]], batch_size: int,
+                  pad_id: int, max_length: int) -> list[torch.Tensor]:
+    """Run k's (n_k, max_candidates) candidate scores, computed in packed forwards (run k's examples in block k).
+
+    Each run's examples are sorted and chunked exactly as `scoring.score_examples` does; a run with no chunk
+    left at some forward fills its block with a padding chunk whose scores are dropped.
+    """
+    enc = [[encode(ex) for ex in exs] for exs in examples]
+    orders = [sorted(range(len(e)), key=lambda i, e=e: -e[i].max_len) for e in enc]
+    chunks = [[o[s:s + batch_size] for s in range(0, len(o), batch_size)] for o in orders]
+    outs = [torch.full((len(exs), max((len(x.candidates) for x in exs), default=0)), float("-inf"))
+            for exs in examples]
+    filler = next(e[o[-1]] for e, o in zip(enc, orders) if o)  # the shortest example of a non-empty run
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(max(len(c) for c in chunks)):
+            batches = [scoring.collate([enc[k][j] for j in chunks[k][i]] if i < len(chunks[k]) else [filler],
+                                       pad_id=pad_id, pad_limit=max_length) for k in range(len(enc))]
+            merged, sizes = merge_batches(batches, pad_id)
+            scores = scoring.candidate_logprobs(model, merged).cpu()
+            start = 0
+            for k, n in enumerate(sizes):
+                if i < len(chunks[k]):
+                    part = scores[start:start + n]
+                    outs[k][chunks[k][i], :part.shape[1]] = part[:, :outs[k].shape[1]]
+                start += n
+    finally:
+        model.train(was_training)
+    return outs
+
+
+def packed_accuracy(model: torch.nn.Module, encode: _Encoder, examples: Sequence[Sequence[Example]],
+                    batch_size: int, pad_id: int, max_length: int) -> list[float]:
+    """Each run's accuracy (argmax of the mean log-probabilities, as `scoring.evaluate_accuracy`)."""
+    scores = packed_scores(model, encode, examples, batch_size, pad_id, max_length)
+    return [float((scoring.predict(s) == torch.tensor([ex.label for ex in exs])).float().mean())
+            for s, exs in zip(scores, examples)]
+
+
+def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | None] | None = None, *,
+                  data_dir: str | None = None, model_bundle: tuple | None = None, device: str | None = None,
+                  checkpoint_dir: str | Path | None = None, split_validation_as_train: bool = False,
+                  results_root: str | Path | None = None) -> list[dict]:
+    """Train the K configs as one pack and write K result files; returns one payload per config, as `run_lm`.
+
+    model_bundle=(model, tokenizer, note) reuses a loaded base (given back untouched: W is never modified).
+    checkpoint_dir: knot checkpoints of the whole pack (a killed pack resumes to the same results).
+    """
+    from cola_theory.lm.checkpoint import KnotCheckpointer
+    from cola_theory.lm.data import sample_protocol
+    from cola_theory.lm.models import load_model
+
+    cfgs = list(cfgs)
+    check_lm_packable(cfgs)
+    out_paths = list(out_paths) if out_paths is not None else [None] * len(cfgs)
+    if len(out_paths) != len(cfgs):
+        raise ValueError(f"out_paths has {len(out_paths)} entries for {len(cfgs)} configs; give one per config")
+    if results_root is not None:
+        out_paths = [None if p is None else _inside(results_root, p, "out_path") for p in out_paths]
+        checkpoint_dir = None if checkpoint_dir is None else _inside(results_root, checkpoint_dir, "checkpoint_dir")
+    c0, K = cfgs[0], len(cfgs)
+    for c in cfgs:
+        print(f"[cola] pack of {K}: {c}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    samples_by_seed: dict[int, dict] = {}
+    for c in cfgs:
+        if c.seed not in samples_by_seed:
+            samples_by_seed[c.seed] = sample_protocol(c0.task, seed=c.seed, num_train=c0.num_train,
+                                                      num_dev=c0.num_dev, num_test=c0.num_test, data_dir=data_dir,
+                                                      split_validation_as_train=split_validation_as_train)
+    samples = [samples_by_seed[c.seed] for c in cfgs]
+    model, tok, note = model_bundle or load_model(c0.model, device=device, dtype=_dtype(c0.dtype, device))
+    encode = _Encoder(tok, c0.max_length)
+    pad_id = tok.pad_token_id or 0
+    train = [[encode(ex) for ex in s["train"]] for s in samples]
+    plans = [make_batches(len(tr), c0.batch_size, c.seed, [e.max_len for e in tr] if c0.group_by_length else None)
+             for tr, c in zip(train, cfgs)]
+    steps_per_epoch = plans[0][1]
+    chain_cfgs = [c.chain_config(steps_per_epoch) for c in cfgs]
+
+    def batch_fn(t: int) -> list[scoring.CandidateBatch]:
+        return [scoring.collate([tr[i] for i in idx(t)], pad_id=pad_id, pad_limit=c0.max_length)
+                for tr, (idx, _) in zip(train, plans)]
+
+    def accuracies(split: str, runs: list[int]) -> list[float]:
+        return packed_accuracy(model, encode, [samples[k][split] for k in runs], c0.eval_batch_size, pad_id,
+                               c0.max_length) if runs else []
+
+    metrics: list[dict[str, Any]] = [
+        {"model_note": note, "sizes": {k: len(v) for k, v in s.items()}, "steps_per_epoch": steps_per_epoch,
+         "total_steps": chain_cfgs[0].total_steps, "fold": "float32 low-rank factors (packed: W is never folded)"}
+        for s in samples]
+    zs = [k for k, c in enumerate(cfgs) if c.zero_shot]
+    for k, acc in zip(zs, accuracies("test", zs)):  # the untrained base (no adapter attached yet)
+        metrics[k]["zero_shot_test_acc"] = acc
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    backend = PackedChainBackend(model, chain_cfgs, batch_fn, target_modules=list(c0.target_modules), pad_id=pad_id,
+                                 device=device)
+    try:
+        ckpt = KnotCheckpointer(checkpoint_dir, every_steps=c0.checkpoint_every) if checkpoint_dir else None
+        t_train = time.perf_counter()
+        result = run_chain(backend, chain_cfgs[0], log_every=1, checkpointer=ckpt)
+        train_s = time.perf_counter() - t_train
+        histories = backend.run_histories(result.history)
+        finished = [k for k in range(K) if backend.diverged[k] is None]
+        t_eval = time.perf_counter()
+        test = dict(zip(finished, accuracies("test", finished)))
+        with_dev = [k for k in finished if cfgs[k].eval_dev and samples[k]["dev"]]
+        dev = dict(zip(with_dev, accuracies("dev", with_dev)))
+        eval_s = time.perf_counter() - t_eval
+        n_params = sum(layer.A[0].numel() + layer.B[0].numel() for _, layer in backend.layers)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    finally:
+        backend.release()
+    wall = time.perf_counter() - t0
+    payloads = []
+    for k, (cfg, out) in enumerate(zip(cfgs, out_paths)):
+        m = metrics[k]
+        # times are the pack's, shared equally by its runs (the pack's totals are kept beside them)
+        m.update(train_time_s=train_s / K, pack_train_time_s=train_s, trainable_params=n_params,
+                 status="diverged" if backend.diverged[k] else "finished", diverged=backend.diverged[k])
+        if k in test:
+            m["test_acc"] = test[k]
+            if k in dev:
+                m["dev_acc"] = dev[k]
+            m["eval_time_s"], m["pack_eval_time_s"] = eval_s / K, eval_s
+        if peak is not None:
+            m["peak_mem_gb"] = peak  # the whole pack's peak
+        m["wall_time_s"], m["pack_wall_time_s"] = wall / K, wall
+        meta = environment_meta(seed=cfg.seed, device=device)
+        meta.update(wall_time_s=m["wall_time_s"], packed={"size": K, "index": k})
+        payload = {"config": {**cfg.to_dict(), "chain": chain_cfgs[k].to_dict()}, "history": histories[k],
+                   "metrics": m, "meta": meta}
+        if out is not None:
+            payload = save_result(out, **payload)
+        payloads.append(payload)
+        print(f"[cola] {cfg.task} {cfg.method} lr={cfg.lr:g} seed={cfg.seed} (pack {k + 1}/{K}): "
+              f"test_acc={m.get('test_acc')}")
+    print(f"[cola] pack of {K} runs: {wall:.0f}s ({wall / K:.1f}s per run)")
+    return payloads
