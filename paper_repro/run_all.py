@@ -143,16 +143,37 @@ def run_theory_job(key: str, results_dir: Path, size: str, force: bool) -> str:
     return "skipped" if results and unchanged else "ran"
 
 
-def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int]) -> None:
+def would_skip(job: Job, results_dir: Path, profile: str, force: bool) -> bool:
+    """Whether a real run would skip `job`: a valid result made with the same config exists (read only; the same
+    checks the theory experiments and the LM runner make)."""
+    if force:
+        return False
+    if job.kind == "theory":
+        from paper_repro.theory.common import up_to_date
+
+        return up_to_date(theory_experiments()[job.key], results_dir, THEORY_SIZE[profile])
+    from paper_repro.lm.runner import existing_result
+
+    return existing_result(job.lm, results_dir, log=lambda m: None) is not None
+
+
+def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int], results_dir: Path, force: bool) -> None:
+    """Print the job list, each job marked run / skip (up to date), and the projected time of those that run."""
     from paper_repro.lm.profiles import projected_seconds
 
-    print(f"profile={profile} shard={shard_spec[0]}/{shard_spec[1]}: {len(jobs)} jobs")
+    skip = {job.job_id for job in jobs if would_skip(job, results_dir, profile, force)}
+    print(f"profile={profile} shard={shard_spec[0]}/{shard_spec[1]} results={results_dir}: {len(jobs)} jobs, "
+          f"{len(jobs) - len(skip)} would run, {len(skip)} would be skipped (valid result exists)")
     for job in jobs:
         groups = f"  [{', '.join(job.lm.groups)}]" if job.lm is not None else ""
-        print(f"  {job.job_id}{groups}")
-    seconds = projected_seconds([j.lm for j in jobs if j.lm is not None])
+        print(f"  {'skip' if job.job_id in skip else 'run '} {job.job_id}{groups}")
+    to_run = [j.lm for j in jobs if j.lm is not None and j.job_id not in skip]
+    seconds = projected_seconds(to_run)
     if seconds:
-        print(f"projected LM time (measured per-job costs, 2 CPU cores): {seconds / 60:.1f} min")
+        print(f"projected LM time of the {len(to_run)} LM jobs that would run (measured per-job costs, 2 CPU cores): "
+              f"{seconds / 60:.1f} min")
+    elif not to_run:
+        print("projected LM time: 0 min (no LM job would run; --force reruns everything)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs, problems = job_list(args.profile, parts)
     jobs = shard(jobs, i, n)
     if args.dry_run:
-        dry_run(jobs, args.profile, args.shard)
+        dry_run(jobs, args.profile, args.shard, results_dir, args.force)
         return 0
     for msg in problems:
         print(f"[run_all] WARNING: {msg}", file=sys.stderr)

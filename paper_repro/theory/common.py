@@ -53,16 +53,28 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def valid_result(path: Path, config: dict, warn: Callable[[str], None] = lambda m: None) -> dict | None:
+    """The result at `path` if it is intact (checksum) and was made with `config`, else None (the reason to warn)."""
+    payload = load_if_valid(path, warn=warn)
+    if payload is not None and payload["config"] != _jsonable(config):
+        warn(f"{path} was made with another config -> recomputing")
+        return None
+    return payload
+
+
+def up_to_date(experiment: Any, out_dir: Path, size: str) -> bool:
+    """Whether `experiment.run(out_dir, size)` would reuse its saved result (what `run_all --dry-run` reports)."""
+    return valid_result(experiment.result_path(out_dir), experiment.config(size)) is not None
+
+
 def cached(tag: str, path: Path, config: dict, compute: Callable[[], tuple[list, dict]], force: bool) -> dict:
     """The result at `path` if it is intact and was made with `config`; else compute(), save and return it."""
     config = _jsonable(config)
     if not force:
-        payload = load_if_valid(path, warn=lambda m: log(tag, m))
-        if payload is not None and payload["config"] == config:
+        payload = valid_result(path, config, warn=lambda m: log(tag, m))
+        if payload is not None:
             log(tag, f"{path} is up to date -> skipped")
             return payload
-        if payload is not None:
-            log(tag, f"{path} was made with another config -> recomputing")
     start = time.perf_counter()
     with single_thread():
         history, metrics = compute()

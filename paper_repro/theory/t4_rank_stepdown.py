@@ -81,11 +81,20 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def config(size: str) -> dict:
+    """The config its result is saved with (a saved result made with another one is recomputed)."""
+    return {"experiment": TAG, "size": check_size(size), "problem": PROBLEM, "first_rank": FIRST_RANK,
+            "split": SPLIT, **SETTINGS[size]}
+
+
+def result_path(out_dir: Path) -> Path:
+    return theory_dir(out_dir) / f"{STEM}.json"
+
+
 def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
-    cfg = {"experiment": TAG, "size": check_size(size), "problem": PROBLEM, "first_rank": FIRST_RANK,
-           "split": SPLIT, **SETTINGS[size]}
+    cfg = config(size)
     d = theory_dir(out_dir)
-    payload = cached(TAG, d / f"{STEM}.json", cfg, lambda: _compute(cfg), force)
+    payload = cached(TAG, result_path(out_dir), cfg, lambda: _compute(cfg), force)
     rows = payload["history"]
     summ = summarize(rows)
     text = (f"least_squares {PROBLEM} (target rank {PROBLEM['k']}); {cfg['total_steps']} AdamW steps, alpha = 16; "

@@ -103,10 +103,19 @@ def _compute(cfg: dict) -> tuple[list, dict]:
     return rows, {"curves": curves}
 
 
+def config(size: str) -> dict:
+    """The config its result is saved with (a saved result made with another one is recomputed)."""
+    return {"experiment": TAG, "size": check_size(size), "rank": RANK, **SETTINGS[size]}
+
+
+def result_path(out_dir: Path) -> Path:
+    return theory_dir(out_dir) / f"{STEM}.json"
+
+
 def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
-    cfg = {"experiment": TAG, "size": check_size(size), "rank": RANK, **SETTINGS[size]}
+    cfg = config(size)
     d = theory_dir(out_dir)
-    payload = cached(TAG, d / f"{STEM}.json", cfg, lambda: _compute(cfg), force)
+    payload = cached(TAG, result_path(out_dir), cfg, lambda: _compute(cfg), force)
     rows = payload["history"]
     chain = [r for r in rows if r["part"] == "chain"]
     closed = [r for r in rows if r["part"] == "closed_form"]
