@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lm_fixtures import DATA_DIR, needs_data
 
 from cola_theory.lm import data
 from cola_theory.lm.data import (
@@ -18,18 +19,6 @@ from cola_theory.lm.data import (
 from cola_theory.lm.tasks import TASK_NAMES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "superglue"
-
-
-def _real_dir():
-    try:
-        return resolve_data_dir(None)
-    except FileNotFoundError:  # $COLA_DATA_DIR points nowhere
-        return None
-
-
-REAL = _real_dir()
-needs_real_data = pytest.mark.skipif(
-    REAL is None, reason="real SuperGLUE data not found: set COLA_DATA_DIR=/path/to/shared/data")
 
 
 # --- locating the data ------------------------------------------------------------------------------------
@@ -284,14 +273,14 @@ def test_sample_on_fixtures_is_seeded_and_disjoint():
 
 
 @pytest.mark.data
-@needs_real_data
+@needs_data
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_real_sample_sizes(task):
     sizes = PROTOCOL[task][1]
-    has_train = (REAL / task / "train.jsonl").is_file()
+    has_train = (DATA_DIR / task / "train.jsonl").is_file()
     if not has_train:
         assert task == "boolq"
-        with pytest.raises(MissingSplitError, match=str(REAL / "boolq" / "train.jsonl")):
+        with pytest.raises(MissingSplitError, match=str(DATA_DIR / "boolq" / "train.jsonl")):
             sample_protocol(task, 0)
         s = sample_protocol(task, 0, split_validation_as_train=True)
     else:
@@ -308,31 +297,31 @@ def test_real_sample_sizes(task):
 
 
 @pytest.mark.data
-@needs_real_data
+@needs_data
 def test_real_split_sizes_and_repairs():
     sizes = {"sst2": (67349, 872), "cb": (250, 56), "rte": (2490, 277), "wic": (5428, 638), "wsc": (554, 104),
              "multirc": (27243, 4848), "copa": (400, 100)}
     for task, (n_train, n_val) in sizes.items():
-        assert len(load_split(task, "train", REAL)) == n_train
-        assert len(load_split(task, "validation", REAL)) == n_val
-    assert len(load_split("boolq", "validation", REAL)) == 3270
+        assert len(load_split(task, "train", DATA_DIR)) == n_train
+        assert len(load_split(task, "validation", DATA_DIR)) == n_val
+    assert len(load_split("boolq", "validation", DATA_DIR)) == 3270
     for split in ("train", "validation"):
-        rows = load_split("wsc", split, REAL)
+        rows = load_split("wsc", split, DATA_DIR)
         assert all(r["span1_text"] in r["text"] and r["span2_text"] in r["text"] for r in rows)
 
 
 @pytest.mark.data
-@needs_real_data
+@needs_data
 def test_real_rows_render_exactly():
     from cola_theory.lm.tasks import make_example
 
-    rte = make_example("rte", load_split("rte", "validation", REAL)[0])
+    rte = make_example("rte", load_split("rte", "validation", DATA_DIR)[0])
     assert rte.prompt == ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at age 44, "
                           "according to the Christopher Reeve Foundation.\nDoes this mean that \"Christopher Reeve "
                           "had an accident.\" is true? Yes or No?\n")
     assert (rte.candidates, rte.label) == (("Yes", "No"), 1)
-    boolq = make_example("boolq", load_split("boolq", "validation", REAL)[0])
+    boolq = make_example("boolq", load_split("boolq", "validation", DATA_DIR)[0])
     assert boolq.prompt.startswith("All biomass goes through at least some of these steps")  # title dropped
     assert boolq.prompt.endswith(" Does ethanol take more energy make that produces?\n") and boolq.label == 1
-    sst = make_example("sst2", load_split("sst2", "train", REAL)[0])
+    sst = make_example("sst2", load_split("sst2", "train", DATA_DIR)[0])
     assert sst.texts[0] == "hide new secretions from the parental units It was terrible" and sst.label == 0
