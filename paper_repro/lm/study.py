@@ -1,0 +1,365 @@
+"""The `real` study (SmolLM2-135M at the paper's protocol): result files -> verdicts, tables, figures, REPORT.md.
+
+A pure function of the result files of the `real` profile's jobs (`profiles.real_jobs`): a file counts when it is
+intact and was made with exactly its job's config (`runner.existing_result`, read only), so results of other
+profiles never mix in. Per (task, variant, seed) the LR is chosen on dev (`stats.select_lr_per_seed`); each
+variant is compared with LoRA (and the ablations with COLA-3) seed by seed (`stats.compare`: paired differences,
+percentile bootstrap, sign test). Every verdict is worded from its interval, with the settings that differ from
+the paper beside it. With no results (or some) every part says how many of its runs are present.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from paper_repro.lm import stats
+from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
+
+RUN = "python paper_repro/run_all.py"
+LORA, COLA3 = "LoRA", "COLA-3"
+RESTART, JAGGED, NO_RESET = "COLA-3, LR restart per link", "COLA-3, jagged cosine LR", "COLA-3, no opt. reset"
+# treatment -> control of every comparison: the main one, the chain lengths and the ablation, each vs LoRA, and
+# each ablation vs COLA-3 (what makes a chain win)
+VS_LORA = (COLA3, "COLA-2", "COLA-5", RESTART, JAGGED, NO_RESET)
+VS_COLA3 = ("COLA-5", RESTART, JAGGED, NO_RESET)
+CHAIN_STEPS = (("COLA-2", LORA), (COLA3, "COLA-2"), ("COLA-5", COLA3))  # Table 4: each length vs the previous
+LENGTHS = (1, 2, 3, 5)
+_SCHEDULES = {"restart": "LR restart per link", "jagged_cosine": "jagged cosine LR", "constant": "constant LR"}
+
+
+def _ranks(rank, n_links: int) -> tuple[int, ...]:
+    ranks = tuple(rank) if isinstance(rank, list | tuple) else (int(rank),)
+    return ranks * n_links if len(ranks) == 1 else ranks
+
+
+def variant_label(cfg: dict) -> str:
+    """The row name of a run from its config: LoRA, COLA-n, step-down 8→r, plus schedule / reset changes. The
+    same for every task (the jagged re-warm-up length differs per task and is listed in the deviations)."""
+    if cfg["method"] == "lora":
+        name = LORA
+    else:
+        n = int(cfg["n_links"])
+        ranks, ep = _ranks(cfg["rank"], n), tuple(cfg.get("link_epochs") or ())
+        if ep or len(set(ranks)) > 1:
+            name = "step-down " + "→".join(map(str, ranks))
+            name += "" if ep == (3.0, 2.0) else f" ({'+'.join(f'{e:g}' for e in ep) or 'even'} ep)"
+        else:
+            name = f"COLA-{n}"
+    mods = []
+    if cfg.get("lr_schedule", "linear") != "linear":
+        mods.append(_SCHEDULES.get(cfg["lr_schedule"], f"LR {cfg['lr_schedule']}"))
+    if cfg.get("optimizer_reset", "full") != "full":
+        mods.append("no opt. reset" if cfg["optimizer_reset"] == "none" else f"opt. reset {cfg['optimizer_reset']}")
+    return ", ".join([name, *mods])
+
+
+def _pct(metrics: dict, key: str) -> float:
+    v = metrics.get(key)
+    return 100.0 * v if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+
+
+def load_study(results_dir: Path, jobs: list | None = None,
+               warn: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, coverage): one row per present result of `jobs` (default: the `real` profile), and per
+    (group, task) how many of its runs are present (group "all": every job once)."""
+    from paper_repro.lm.profiles import real_jobs
+    from paper_repro.lm.runner import existing_result
+
+    jobs = real_jobs() if jobs is None else jobs
+    rows, cov = [], []
+    for job in jobs:
+        payload = existing_result(job, Path(results_dir), warn)
+        cov += [{"group": g, "task": job.cfg.task, "present": payload is not None} for g in ("all", *job.groups)]
+        if payload is None:
+            continue
+        cfg, m = payload["config"], payload["metrics"]
+        rows.append({"job_id": job.job_id, "groups": job.groups, "task": cfg["task"], "variant": variant_label(cfg),
+                     "seed": int(cfg["seed"]), "lr": float(cfg["lr"]), "dev_acc": _pct(m, "dev_acc"),
+                     "test_acc": _pct(m, "test_acc"), "zero_shot_acc": _pct(m, "zero_shot_test_acc"),
+                     "status": m.get("status", "unknown"), "best_epoch": m.get("best_epoch"),
+                     "validation_as_train": bool(cfg.get("split_validation_as_train", False)),
+                     "restart_warmup_steps": (cfg.get("chain_overrides") or {}).get("restart_warmup_steps"),
+                     "created": str(payload["meta"].get("created_at", ""))})
+    coverage = pd.DataFrame(cov, columns=["group", "task", "present"])
+    coverage = coverage.groupby(["group", "task"], sort=False)["present"].agg(present="sum", total="count")
+    return pd.DataFrame(rows), coverage.reset_index()
+
+
+def coverage_line(coverage: pd.DataFrame, group: str = "all") -> str:
+    """'all N runs present' or 'not run yet: k of N runs present' (of one group; "all": every job once)."""
+    cov = coverage[coverage["group"] == group]
+    present, total = int(cov["present"].sum()), int(cov["total"].sum())
+    return f"all {total} runs present" if present == total and total else \
+        f"not run yet: {present} of {total} runs present"
+
+
+def comparisons(sel: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
+    """Every variant vs LoRA and every ablation vs COLA-3 (rows of `stats.compare`), where both arms exist."""
+    pairs = [(t, LORA) for t in VS_LORA] + [(t, COLA3) for t in VS_COLA3] + [CHAIN_STEPS[1]]
+    frames = [stats.compare(sel, t, c, tasks=tasks) for t, c in pairs]
+    frames += [stats.compare(sel, v, LORA, tasks=tasks) for v in sorted(set(sel["variant"]))
+               if v.startswith("step-down")] if len(sel) else []
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _fmt_ci(r) -> str:
+    return "-" if not math.isfinite(r["ci_lo"]) else f"{r['mean_diff']:+.2f} [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]"
+
+
+def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
+    """Display rows of `comparisons`: difference [95% CI] in accuracy points, the sign test, the verdict."""
+    return pd.DataFrame({
+        "treatment": comp["treatment"], "control": comp["control"], "task": comp["task"],
+        "pairs": comp["n_pairs"], "difference [95% CI] (pp)": [_fmt_ci(r) for _, r in comp.iterrows()],
+        "sign test +/-/ties": [f"{a}/{b}/{c}" for a, b, c in zip(comp["n_pos"], comp["n_neg"], comp["n_ties"])],
+        "sign p": [f"{p:.3g}" if math.isfinite(p) else "-" for p in comp["sign_p"]], "verdict": comp["verdict"]})
+
+
+def _cell(vals: pd.Series) -> str:
+    vals = vals.dropna()
+    if vals.empty:
+        return "-"
+    return f"{vals.mean():.2f}" + (f" ± {vals.std(ddof=1):.2f}" if len(vals) > 1 else "") + f" (n={len(vals)})"
+
+
+def per_variant_table(sel: pd.DataFrame, variants: dict[str, str], tasks: tuple[str, ...]) -> pd.DataFrame:
+    """Per task: mean ± std (n seeds) of the dev-selected test accuracy of each variant (column name -> variant),
+    plus numeric mean_<col> / std_<col> helper columns (CSV, figures)."""
+    rows = []
+    for task in tasks:
+        row, any_ = {"task": task}, False
+        for col, variant in variants.items():
+            v = sel[(sel["task"] == task) & (sel["variant"] == variant)]["test_acc"]
+            row[col] = _cell(v)
+            row[f"mean_{col}"] = v.mean() if len(v) else math.nan
+            row[f"std_{col}"] = v.std(ddof=1) if len(v) > 1 else math.nan
+            any_ |= bool(len(v))
+        if any_:
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table4(sel: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
+    return per_variant_table(sel, {f"length {n}": LORA if n == 1 else f"COLA-{n}" for n in LENGTHS}, tasks)
+
+
+def fig3_table(sel: pd.DataFrame, tasks: tuple[str, ...], ranks: tuple[int, ...]) -> pd.DataFrame:
+    return per_variant_table(sel, {"LoRA r=8": LORA, **{f"r={r}": f"step-down 8→{r}" for r in ranks}}, tasks)
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+
+def forest_figure(comp: pd.DataFrame, treatments: tuple[str, ...], control: str = LORA):
+    """One panel per treatment (vs `control`): mean paired difference per task and pooled (diamond) with its 95%
+    CI, a dashed line at 0; every panel has the same rows (tasks in `comp` order, pooled last) and x axis."""
+    sub = comp[comp["control"] == control] if len(comp) else comp
+    panels = [t for t in treatments if (sub["treatment"] == t).any()]
+    if not panels:
+        return None
+    tasks = [t for t in dict.fromkeys(sub[sub["treatment"].isin(panels)]["task"]) if t != "pooled"] + ["pooled"]
+    ypos = {t: len(tasks) - 1 - i for i, t in enumerate(tasks)}
+    fig, axes = new_figure(1, len(panels), width=2.4, height=0.9 + 0.28 * len(tasks), sharey=True, sharex=True)
+    for i, (ax, t) in enumerate(zip(axes[0], panels)):
+        rows = sub[sub["treatment"] == t]
+        y = np.array([ypos[k] for k in rows["task"]])
+        lo = (rows["mean_diff"] - rows["ci_lo"]).fillna(0).clip(lower=0)
+        hi = (rows["ci_hi"] - rows["mean_diff"]).fillna(0).clip(lower=0)
+        color = method_color("COLA") if t == COLA3 else method_color(t, i + 2)
+        ax.errorbar(rows["mean_diff"], y, xerr=[lo, hi], fmt="o", capsize=2, color=color)
+        pooled = (rows["task"] == "pooled").to_numpy()
+        ax.scatter(rows["mean_diff"][pooled], y[pooled], marker="D", s=30, color="black", zorder=3)
+        ax.axvline(0.0, **BOUND_STYLE)
+        ax.set(title=f"{t}\nvs {control}", xlabel="test acc. diff. (pp)")
+    axes[0][0].set(yticks=list(ypos.values()), yticklabels=list(ypos))
+    return fig
+
+
+def plot_forest(comp: pd.DataFrame, fig_dir: Path, name: str = "fig_real_forest",
+                treatments: tuple[str, ...] = VS_LORA, control: str = LORA) -> list[Path]:
+    fig = forest_figure(comp, treatments, control) if len(comp) else None
+    return savefig(fig, name, fig_dir) if fig is not None else []
+
+
+def plot_lines(df: pd.DataFrame, cols: list[str], x: list[float], fig_dir: Path, name: str, xlabel: str,
+               baseline: str | None = None) -> list[Path]:
+    """One panel per task: test accuracy (mean ± std over seeds) vs x; the `baseline` column as a dashed line."""
+    if df is None or df.empty:
+        return []
+    ncols = min(4, len(df))
+    fig, axes = new_figure(math.ceil(len(df) / ncols), ncols, width=2.6, height=2.3)
+    flat = axes.ravel()
+    for ax, (_, row) in zip(flat, df.iterrows()):
+        pts = [(xv, row[f"mean_{c}"], row[f"std_{c}"]) for xv, c in zip(x, cols) if math.isfinite(row[f"mean_{c}"])]
+        if pts:
+            xs, ms, ss = zip(*pts)
+            ax.errorbar(xs, ms, yerr=[0.0 if math.isnan(s) else s for s in ss], marker="o", capsize=2,
+                        color=method_color("COLA"), label="COLA")
+        if baseline and math.isfinite(row[f"mean_{baseline}"]):
+            ax.axhline(row[f"mean_{baseline}"], **BOUND_STYLE, label=baseline)
+        ax.set(title=row["task"], xlabel=xlabel, xticks=x)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    for ax in flat[len(df):]:
+        ax.set_visible(False)
+    if baseline:
+        flat[0].legend()
+    return savefig(fig, name, fig_dir)
+
+
+# --- verdicts and the REPORT.md section ------------------------------------------------------------------
+
+
+def deviations(runs: pd.DataFrame) -> list[str]:
+    """The settings of these runs that differ from the paper's (or that the paper leaves unknown, [U])."""
+    from paper_repro.lm.profiles import LR_GRID, REAL_TASKS
+
+    out = ["SmolLM2-135M-Instruct, a Q4_1 GGUF expanded to float32, instead of OPT-1.3B / Llama-2-7B",
+           "float32 weights and training (MeZO: fp16)"]
+    lrs = sorted(set(runs["lr"]), reverse=True)
+    grid = "{" + ", ".join(f"{x:g}" for x in LR_GRID) + "}"
+    out.append(f"LR chosen on dev per (task, variant, seed) from {grid} (the paper's rule [U])" if lrs == list(LR_GRID)
+               else f"LR chosen on dev per (task, variant, seed) among {{{', '.join(f'{x:g}' for x in lrs)}}} "
+                    f"only (paper grid {grid})")
+    seeds = sorted(set(runs["seed"]))
+    out.append(f"seeds {', '.join(map(str, seeds))} (paper: 5 seeds, values [U])")
+    out.append("COLA main chain: 3 links of 5/3 epochs each (the paper's main-table length [U])")
+    best = runs["best_epoch"].notna().sum()
+    out.append("the last-step model is tested (MeZO tests the best dev-loss epoch)" if not best else
+               f"the best dev-loss epoch is tested (MeZO's load_best_model_at_end) in {best} of {len(runs)} runs")
+    if (runs["task"] == "boolq").any():
+        n = int(runs[runs["task"] == "boolq"]["validation_as_train"].sum())
+        out.append(f"BoolQ: train / dev drawn from the validation rows outside the test sample ({n} runs; its train "
+                   "split is not in the offline data)")
+    missing = [t for t in REAL_TASKS if t not in set(runs["task"])]
+    if missing:
+        out.append(f"tasks without results: {', '.join(missing)}")
+    return out
+
+
+def combine(statuses: list[str]) -> str:
+    """One verdict from several intervals that must all hold: any 'not supported' wins, then all 'supported'."""
+    if not statuses:
+        return stats.INSUFFICIENT
+    if stats.NOT_SUPPORTED in statuses:
+        return stats.NOT_SUPPORTED
+    if all(s == stats.SUPPORTED for s in statuses):
+        return stats.SUPPORTED
+    return stats.INSUFFICIENT if stats.INSUFFICIENT in statuses else stats.INCONCLUSIVE
+
+
+def _pooled(comp: pd.DataFrame, treatment: str, control: str):
+    rows = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] == "pooled")] \
+        if len(comp) else comp
+    return rows.iloc[0] if len(rows) else None
+
+
+def verdicts(comp: pd.DataFrame, devs: list[str], scope: str = "real: SmolLM2-135M") -> list:
+    """The paper's three LM claims, each worded from pooled intervals (see `stats`), deviations beside each."""
+    from paper_repro.lm.profiles import STEPDOWN_RANKS
+    from paper_repro.report import Verdict
+
+    beside = " | differs from the paper: " + "; ".join(devs)
+
+    def one(claim: str, what: str, parts: list[tuple[str, str, str]]) -> Verdict:
+        rows = [(label, _pooled(comp, t, c)) for label, t, c in parts]
+        status = combine([r["verdict"] if r is not None else stats.INSUFFICIENT for _, r in rows])
+        detail = "; ".join(f"{label}: " + (stats.describe(r) if r is not None else "no pairs") for label, r in rows)
+        return Verdict(claim, f"{scope}, {what}", status, detail + beside)
+
+    return [one("cola_ge_lora", "COLA-3 vs LoRA pooled over tasks", [("COLA-3 - LoRA", COLA3, LORA)]),
+            one("chain_length", "length 1 < 2 < 3 pooled", [("2 - 1", "COLA-2", LORA), ("3 - 2", COLA3, "COLA-2")]),
+            one("step_down", "step-down 8→r vs LoRA pooled over its tasks",
+                [(f"r={r}", f"step-down 8→{r}", LORA) for r in STEPDOWN_RANKS])]
+
+
+def _write(display: pd.DataFrame, numeric: pd.DataFrame, name: str, tdir: Path, caption: str) -> list[Path]:
+    from cola_theory.results import atomic_write_text
+    from paper_repro.lm.tables import to_latex, to_markdown
+
+    paths = [tdir / f"{name}.{ext}" for ext in ("md", "tex", "csv")]
+    atomic_write_text(paths[0], f"**{caption}**\n\n" + to_markdown(display))
+    atomic_write_text(paths[1], to_latex(display, caption, name))
+    atomic_write_text(paths[2], numeric.drop(columns=[c for c in ("diffs",) if c in numeric]).to_csv(index=False))
+    return paths
+
+
+def _shown(df: pd.DataFrame) -> pd.DataFrame:
+    return df[[c for c in df.columns if not c.startswith(("mean_", "std_"))]]
+
+
+def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=print):
+    """([(title, markdown)], verdicts) of the `real` study; 'not run yet: k of N runs present' when incomplete."""
+    from paper_repro.lm.profiles import REAL_CPU_LRS, REAL_CPU_SEEDS, REAL_TASKS, STEPDOWN_RANKS, STEPDOWN_TASKS
+    from paper_repro.lm.tables import to_markdown
+    from paper_repro.report import Verdict
+
+    title = "Real model at the paper's protocol: SmolLM2-135M, LoRA vs COLA (profile `real`)"
+    runs, cov = load_study(results_dir, warn=log)
+    groups = ", ".join(f"{g}: {coverage_line(cov, g)}" for g in dict.fromkeys(cov["group"]) if g != "all")
+    how = (f"run with `{RUN} --profile real --only lm` (GPU; `--missing` lists what is left) or the CPU fallback "
+           f"`{RUN} --profile real-cpu --only lm` (SST-2 and RTE, LoRA vs COLA-3, seeds "
+           f"{', '.join(map(str, REAL_CPU_SEEDS))}, LR {', '.join(f'{x:g}' for x in REAL_CPU_LRS)})")
+    head = f"**{coverage_line(cov)}** ({groups}); {how}.\n\n{stats.__doc__.split(chr(10) + chr(10), 1)[1]}\n"
+    if runs.empty:
+        return [(title, head)], [Verdict(c, "real: SmolLM2-135M", "not run", coverage_line(cov))
+                                 for c in ("cola_ge_lora", "chain_length", "step_down")]
+    sel = stats.select_lr_per_seed(runs)
+    comp = comparisons(sel, REAL_TASKS)
+    devs = deviations(runs)
+    vs = verdicts(comp, devs)
+    tdir = fig_dir / "tables"
+    parts = [head, "Settings that differ from the paper: " + "; ".join(devs) + ".\n",
+             "| claim | verdict | intervals |", "|---|---|---|"]
+    parts += [f"| {v.claim} ({v.scope}) | **{v.status}** | {v.detail.split(' | ')[0]} |" for v in vs]
+    parts += ["", "What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
+              "optimizer reset, 3 links), pooled over tasks:", ""]
+    for t in VS_COLA3:
+        r = _pooled(comp, t, COLA3)
+        parts.append(f"- {t.removeprefix('COLA-3, ')}: " + (f"**{r['verdict']}** that it helps; {stats.describe(r)}"
+                                                            if r is not None else "no pairs yet"))
+    jag = runs[runs["variant"] == JAGGED].groupby("task")["restart_warmup_steps"].first().dropna()
+    if len(jag):
+        parts.append("- (jagged cosine re-warm-up after each knot, steps per task: "
+                     + ", ".join(f"{t} {int(k)}" for t, k in jag.items()) + ")")
+    main = per_variant_table(sel, {"LoRA": LORA, "COLA-3": COLA3}, REAL_TASKS)
+    if len(main) and len(comp):
+        c3 = comp[(comp["treatment"] == COLA3) & (comp["control"] == LORA)].set_index("task")
+        main["COLA-3 - LoRA [95% CI]"] = [_fmt_ci(c3.loc[t]) if t in c3.index else "-" for t in main["task"]]
+        main["verdict"] = [c3.loc[t, "verdict"] if t in c3.index else "-" for t in main["task"]]
+        zs = runs[runs["variant"] == LORA].groupby("task")["zero_shot_acc"].mean()
+        main["no fine-tuning"] = [f"{zs.get(t, math.nan):.2f}" if math.isfinite(zs.get(t, math.nan)) else "-"
+                                  for t in main["task"]]
+    t4 = table4(sel, REAL_TASKS)
+    f3 = fig3_table(sel, STEPDOWN_TASKS, STEPDOWN_RANKS)
+    for name, frame, caption, plot in (
+            ("table_real_main", main, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std over "
+             "seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
+            ("table_real_comparisons", comparison_table(comp) if len(comp) else comp,
+             "Paired differences (pp) per task and pooled, 95% percentile bootstrap CI, exact sign test", None),
+            ("table_real_table4", t4, "Table 4 analogue: test accuracy vs chain length at 5 epochs",
+             lambda d: plot_lines(d, [f"length {n}" for n in LENGTHS], list(LENGTHS), fig_dir, "fig_real_table4",
+                                  "chain length (1 = LoRA)")),
+            ("fig3_real_rank_stepdown", f3, "Figure 3 analogue: rank 8 for 3 epochs, then r for 2, vs LoRA r=8",
+             lambda d: plot_lines(d, [f"r={r}" for r in STEPDOWN_RANKS], list(STEPDOWN_RANKS), fig_dir,
+                                  "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
+                                  baseline="LoRA r=8"))):
+        if frame is None or frame.empty:
+            parts.append(f"\n### {caption}\n\nno results yet.\n")
+            continue
+        num = comp if name == "table_real_comparisons" else frame
+        files += _write(_shown(frame), num, name, tdir, caption)
+        made = plot(frame) if plot else []
+        if name == "table_real_comparisons":
+            made = plot_forest(comp, fig_dir) + plot_forest(comp, fig_dir, "fig_real_forest_vs_cola3", VS_COLA3,
+                                                            COLA3)
+        files += made
+        figs = "".join(f"\n![{p.stem}]({p.relative_to(fig_dir)})\n" for p in made if p.suffix == ".png")
+        parts.append(f"\n### {caption}\n\n" + to_markdown(_shown(frame)) + figs)
+    return [(title, "\n".join(parts) + "\n")], vs
