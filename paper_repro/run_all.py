@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python paper_repro/run_all.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-PROFILES = ("smoke", "cpu", "gpu")
+PROFILES = ("smoke", "cpu", "gpu", "real", "real-cpu")
 PARTS = ("theory", "lm", "figures")
-THEORY_SIZE = {"smoke": "smoke", "cpu": "full", "gpu": "full"}
+THEORY_SIZE = {"smoke": "smoke", "cpu": "full", "gpu": "full", "real": "full", "real-cpu": "full"}
 EXIT_BOUND, EXIT_ARGS, EXIT_FAILED = 1, 2, 3
 
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="benchmark data (default: $COLA_DATA_DIR, else ../shared/data)")
     p.add_argument("--device", help="torch device for the LM runs (default: cuda if available, else cpu)")
     p.add_argument("--dry-run", action="store_true", help="print the job list and exit")
+    p.add_argument("--missing", action="store_true", help="print the LM jobs without a valid result (per group / "
+                   "task, and by shard of --shard i/n) and exit")
     return p
 
 
@@ -174,6 +176,14 @@ def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int], results_
               f"{seconds / 60:.1f} min")
     elif not to_run:
         print("projected LM time: 0 min (no LM job would run; --force reruns everything)")
+    if profile.startswith("real"):
+        from paper_repro.lm.profiles import projected_gpu_seconds, real_pending
+
+        if gpu := projected_gpu_seconds(to_run):
+            print(f"projected GPU time of those {len(to_run)} LM jobs: {gpu / 3600:.1f} h sequential at 10 GPU-s per "
+                  "625-step run (measured on an H200 with 12 processes sharing it; steps only, eval not modelled)")
+        for note in real_pending():
+            print(f"pending: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         if (msg := check_writable(path, flag)) is not None:
             parser.error(msg)
     jobs, problems = job_list(args.profile, parts)
+    if args.missing:
+        from paper_repro.lm.missing import missing_report
+
+        lm_shards = [[j.lm for j in shard(jobs, k, n) if j.kind == "lm"] for k in range(n)]
+        print(missing_report(lm_shards, results_dir, args.profile, ",".join(args.only) if args.only else None))
+        return 0
     jobs = shard(jobs, i, n)
     if args.dry_run:
         dry_run(jobs, args.profile, args.shard, results_dir, args.force)
