@@ -70,6 +70,11 @@ def lm_sections(results_dir: Path, fig_dir: Path, files: list[Path], log):
     from paper_repro.lm.profiles import CPU_MODEL
 
     df = tables.load_lm_results(results_dir, warn=log)
+    if len(df):  # the `real` profile's results have their own section (paper_repro.lm.study)
+        from paper_repro.lm.profiles import real_jobs
+
+        real = {str(j.result_path(results_dir)) for j in real_jobs()}
+        df = df[~df["path"].isin(real)]
     sel = tables.select_lr(df) if len(df) else df
     tdir = fig_dir / "tables"
     sections, mains = [], {}
@@ -139,9 +144,12 @@ def build(results_dir: Path, fig_dir: Path, profile: str | None = None, log=prin
     summary = Summary()
     sections = theory_sections(results_dir, fig_dir, summary.files, log)
     lm, mains, chain, step = lm_sections(results_dir, fig_dir, summary.files, log)
+    from paper_repro.lm import study
+
+    real, real_verdicts = study.report_section(results_dir, fig_dir, summary.files, log)
     verdicts = [report.theorem41_verdict(results_dir), *report.cola_vs_lora_verdicts(mains),
-                *report.chain_length_verdicts(chain), *report.stepdown_verdicts(step)]
-    path = report.write_report(fig_dir / "REPORT.md", sections=sections + lm, verdicts=verdicts,
+                *report.chain_length_verdicts(chain), *report.stepdown_verdicts(step), *real_verdicts]
+    path = report.write_report(fig_dir / "REPORT.md", sections=sections + lm + real, verdicts=verdicts,
                                metas=_metas(results_dir), git=git_state(), results_dir=results_dir)
     summary.files.append(path)
     thm = verdicts[0]

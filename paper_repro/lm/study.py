@@ -29,6 +29,8 @@ VS_LORA = (COLA3, "COLA-2", "COLA-5", RESTART, JAGGED, NO_RESET)
 VS_COLA3 = ("COLA-5", RESTART, JAGGED, NO_RESET)
 CHAIN_STEPS = (("COLA-2", LORA), (COLA3, "COLA-2"), ("COLA-5", COLA3))  # Table 4: each length vs the previous
 LENGTHS = (1, 2, 3, 5)
+_ABLATION_WORDS = {stats.SUPPORTED: "supported: it beats COLA-3", stats.NOT_SUPPORTED: "not supported: it is worse "
+                   "than COLA-3", stats.INCONCLUSIVE: stats.INCONCLUSIVE, stats.INSUFFICIENT: stats.INSUFFICIENT}
 _SCHEDULES = {"restart": "LR restart per link", "jagged_cosine": "jagged cosine LR", "constant": "constant LR"}
 
 
@@ -216,31 +218,39 @@ def plot_lines(df: pd.DataFrame, cols: list[str], x: list[float], fig_dir: Path,
 # --- verdicts and the REPORT.md section ------------------------------------------------------------------
 
 
-def deviations(runs: pd.DataFrame) -> list[str]:
-    """The settings of these runs that differ from the paper's (or that the paper leaves unknown, [U])."""
-    from paper_repro.lm.profiles import LR_GRID, REAL_TASKS
+def deviations(runs: pd.DataFrame, short: bool = False) -> list[str]:
+    """The settings of these runs that differ from the paper's (or that the paper leaves unknown, [U]); `short`:
+    the terse form shown beside each verdict, without the fixed [U] notes."""
+    from paper_repro.lm.profiles import LR_GRID, PAPER_SEEDS, REAL_TASKS
 
-    out = ["SmolLM2-135M-Instruct, a Q4_1 GGUF expanded to float32, instead of OPT-1.3B / Llama-2-7B",
-           "float32 weights and training (MeZO: fp16)"]
+    out = [("SmolLM2-135M-Instruct, a Q4_1 GGUF expanded to float32, instead of OPT-1.3B / Llama-2-7B",
+            "SmolLM2-135M (Q4_1 GGUF -> float32), not OPT-1.3B / Llama-2-7B"),
+           ("float32 weights and training (MeZO: fp16)", "float32, not fp16")]
     lrs = sorted(set(runs["lr"]), reverse=True)
     grid = "{" + ", ".join(f"{x:g}" for x in LR_GRID) + "}"
-    out.append(f"LR chosen on dev per (task, variant, seed) from {grid} (the paper's rule [U])" if lrs == list(LR_GRID)
-               else f"LR chosen on dev per (task, variant, seed) among {{{', '.join(f'{x:g}' for x in lrs)}}} "
-                    f"only (paper grid {grid})")
+    some = "{" + ", ".join(f"{x:g}" for x in lrs) + "}"
+    out.append((f"LR chosen on dev per (task, variant, seed) from {grid} (the paper's rule [U])", None)
+               if lrs == list(LR_GRID) else
+               (f"LR chosen on dev per (task, variant, seed) among {some} only (paper grid {grid})",
+                f"LR grid {some} only"))
     seeds = sorted(set(runs["seed"]))
-    out.append(f"seeds {', '.join(map(str, seeds))} (paper: 5 seeds, values [U])")
-    out.append("COLA main chain: 3 links of 5/3 epochs each (the paper's main-table length [U])")
-    best = runs["best_epoch"].notna().sum()
-    out.append("the last-step model is tested (MeZO tests the best dev-loss epoch)" if not best else
-               f"the best dev-loss epoch is tested (MeZO's load_best_model_at_end) in {best} of {len(runs)} runs")
+    out.append((f"seeds {', '.join(map(str, seeds))} (paper: 5 seeds, values [U])",
+                None if seeds == list(PAPER_SEEDS) else f"seeds {', '.join(map(str, seeds))} only"))
+    out.append(("COLA main chain: 3 links of 5/3 epochs each (the paper's main-table length [U])", None))
+    best = int(runs["best_epoch"].notna().sum())
+    out.append(("the last-step model is tested (MeZO tests the best dev-loss epoch)", "last-step model")
+               if not best else (f"the best dev-loss epoch is tested (MeZO's load_best_model_at_end) in {best} of "
+                                 f"{len(runs)} runs", None if best == len(runs) else
+                                 f"best dev-loss epoch in {best} of {len(runs)} runs only"))
     if (runs["task"] == "boolq").any():
         n = int(runs[runs["task"] == "boolq"]["validation_as_train"].sum())
-        out.append(f"BoolQ: train / dev drawn from the validation rows outside the test sample ({n} runs; its train "
-                   "split is not in the offline data)")
-    missing = [t for t in REAL_TASKS if t not in set(runs["task"])]
-    if missing:
-        out.append(f"tasks without results: {', '.join(missing)}")
-    return out
+        out.append((f"BoolQ: train / dev drawn from the validation rows outside the test sample ({n} runs; its "
+                    "train split is not in the offline data)", "BoolQ train / dev from its validation split"))
+    tasks = [t for t in REAL_TASKS if t in set(runs["task"])]
+    if len(tasks) < len(REAL_TASKS):
+        out.append((f"tasks with results: {', '.join(tasks)} ({len(tasks)} of {len(REAL_TASKS)})",
+                    f"{len(tasks)} of {len(REAL_TASKS)} tasks ({', '.join(tasks)})"))
+    return [s for long, sh in out if (s := sh if short else long)]
 
 
 def combine(statuses: list[str]) -> str:
@@ -260,12 +270,12 @@ def _pooled(comp: pd.DataFrame, treatment: str, control: str):
     return rows.iloc[0] if len(rows) else None
 
 
-def verdicts(comp: pd.DataFrame, devs: list[str], scope: str = "real: SmolLM2-135M") -> list:
+def verdicts(comp: pd.DataFrame, devs: list[str], scope: str = "real: SmolLM2-135M", coverage: str = "") -> list:
     """The paper's three LM claims, each worded from pooled intervals (see `stats`), deviations beside each."""
     from paper_repro.lm.profiles import STEPDOWN_RANKS
     from paper_repro.report import Verdict
 
-    beside = " | differs from the paper: " + "; ".join(devs)
+    beside = " | differs from the paper: " + "; ".join(devs) + (f" | {coverage}" if coverage else "")
 
     def one(claim: str, what: str, parts: list[tuple[str, str, str]]) -> Verdict:
         rows = [(label, _pooled(comp, t, c)) for label, t, c in parts]
@@ -313,7 +323,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     sel = stats.select_lr_per_seed(runs)
     comp = comparisons(sel, REAL_TASKS)
     devs = deviations(runs)
-    vs = verdicts(comp, devs)
+    vs = verdicts(comp, deviations(runs, short=True), coverage=coverage_line(cov))
     tdir = fig_dir / "tables"
     parts = [head, "Settings that differ from the paper: " + "; ".join(devs) + ".\n",
              "| claim | verdict | intervals |", "|---|---|---|"]
@@ -322,7 +332,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
               "optimizer reset, 3 links), pooled over tasks:", ""]
     for t in VS_COLA3:
         r = _pooled(comp, t, COLA3)
-        parts.append(f"- {t.removeprefix('COLA-3, ')}: " + (f"**{r['verdict']}** that it helps; {stats.describe(r)}"
+        parts.append(f"- {t.removeprefix('COLA-3, ')}: " + (f"**{_ABLATION_WORDS[r['verdict']]}**; {stats.describe(r)}"
                                                             if r is not None else "no pairs yet"))
     jag = runs[runs["variant"] == JAGGED].groupby("task")["restart_warmup_steps"].first().dropna()
     if len(jag):
