@@ -16,13 +16,15 @@ RUN = "python paper_repro/run_all.py"
 
 def missing_report(shards: Sequence[Sequence], results_dir: Path, profile: str, only: str | None = None) -> str:
     """`shards[i]` = the LMJobs shard i runs (in run order). Returns the report text."""
+    from paper_repro.lm.profiles import PAPER_TASKS
     from paper_repro.lm.runner import existing_result
 
     stale: list[str] = []
     present = {j.job_id: existing_result(j, Path(results_dir), stale.append) is not None
                for jobs in shards for j in jobs}
     jobs = {j.job_id: j for s in shards for j in s}
-    tasks = list(dict.fromkeys(j.cfg.task for j in jobs.values()))
+    order = {t: i for i, t in enumerate(PAPER_TASKS)}
+    tasks = sorted({j.cfg.task for j in jobs.values()}, key=lambda t: (order.get(t, len(order)), t))
     groups = list(dict.fromkeys(g for j in jobs.values() for g in j.groups))
     n_missing = sum(not p for p in present.values())
     lines = [f"profile={profile} results={results_dir}: {len(jobs)} LM jobs, {len(jobs) - n_missing} present, "

@@ -1,0 +1,127 @@
+"""The `real` / `real-cpu` profiles follow the paper's protocol; existing job ids are unchanged; --missing, --dry-run."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from lm_fixtures import DATA_DIR, needs_data
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cola_theory.results import save_result  # noqa: E402
+from paper_repro import run_all  # noqa: E402
+from paper_repro.lm import profiles  # noqa: E402
+from paper_repro.lm.profiles import LR_GRID, PAPER_SEEDS, PAPER_TASKS, jobs_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def real():
+    return jobs_for("real")
+
+
+def test_real_profile_is_the_paper_protocol(real):
+    assert len(real) == len({j.job_id for j in real}) == 1525
+    for job in real:
+        c = job.cfg
+        assert (c.model, c.epochs, c.batch_size, c.alpha, c.target_modules) == (
+            "smollm2-135m", 5.0, 8, 16.0, ("q_proj", "v_proj"))
+        assert (c.num_train, c.num_dev, c.num_test) == (1000, 100 if c.task == "cb" else 500, 1000)
+        assert c.dtype == "float32" and c.eval_dev and c.best_dev and c.weight_decay == 0.0
+        assert c.max_length == profiles.REAL_MAX_LENGTH[c.task]
+        assert c.zero_shot == (c.method == "lora" and c.lr == LR_GRID[0])
+        if c.link_epochs:  # Figure 3: rank 8 for 3 epochs, then r for 2
+            assert c.link_epochs == (3.0, 2.0) and c.rank[0] == 8 and c.task in profiles.STEPDOWN_TASKS
+        else:
+            assert c.rank == 8
+    # every (task, variant) has the full grid x seeds: 25 runs
+    cells = Counter((j.cfg.task, j.cfg.method, j.cfg.n_links, str(j.cfg.rank), j.cfg.lr_schedule,
+                     j.cfg.optimizer_reset) for j in real)
+    assert set(cells.values()) == {len(LR_GRID) * len(PAPER_SEEDS)}
+    assert {(j.cfg.lr, j.cfg.seed) for j in real} == {(lr, s) for lr in LR_GRID for s in PAPER_SEEDS}
+    assert {j.cfg.task for j in real} == set(PAPER_TASKS)
+    groups = Counter(g for j in real for g in j.groups)
+    assert groups == {"real_main": 350, "real_table4": 525, "real_fig3": 375, "real_ablation": 1225}
+    links = {j.cfg.n_links for j in real if "real_ablation" in j.groups}
+    assert links == {1, 2, 3, 5}
+    jag = [j.cfg for j in real if j.cfg.lr_schedule == "jagged_cosine"]
+    assert len(jag) == 175 and all(c.n_links == 3 and c.optimizer_reset == "full" for c in jag)
+    warm = {c.task: dict(c.chain_overrides)["restart_warmup_steps"] for c in jag}
+    assert warm["sst2"] == 21 and warm["wsc"] == 1 and warm["cb"] == 3  # 10% of a link, >= 1 step
+    assert {j.cfg.optimizer_reset for j in real} == {"full", "none"}
+    assert {j.cfg.lr_schedule for j in real} == {"linear", "restart", "jagged_cosine"}
+    for c in jag:  # the override is a valid ChainConfig for the task's real step count
+        c.chain_config(profiles.steps_per_epoch(c.task))
+
+
+def test_real_cpu_is_a_labelled_subset_of_real(real):
+    cpu = jobs_for("real-cpu")
+    assert len(cpu) == 2 * 3 * 2 * 2 and {j.job_id for j in cpu} <= {j.job_id for j in real}
+    assert {(j.cfg.task, j.cfg.method, j.cfg.n_links) for j in cpu} == {
+        (t, m, n) for t in ("sst2", "rte") for m, n in (("lora", 1), ("cola", 3))}
+    assert {j.cfg.seed for j in cpu} == {0, 1, 2} and {j.cfg.lr for j in cpu} == {1e-3, 8e-4}
+    assert all(j.groups == ("real_cpu",) for j in cpu)
+    assert "FALLBACK" in profiles.real_cpu_jobs.__doc__
+
+
+def test_existing_profiles_job_ids_are_unchanged():
+    committed = {str(p.relative_to(ROOT / "paper_repro" / "results" / "lm").with_suffix(""))
+                 for p in (ROOT / "paper_repro" / "results" / "lm").rglob("*.json") if "checkpoints" not in p.parts}
+    assert committed == {j.job_id for j in jobs_for("cpu")} and len(committed) == 13  # the ids the files carry
+    assert not committed & {j.job_id for j in jobs_for("real")}
+    assert len(jobs_for("gpu")) == 1175 and len(jobs_for("smoke")) == 2
+
+
+@needs_data
+def test_effective_train_sizes_and_max_lengths_match_the_data():
+    from cola_theory.lm.data import load_split, protocol_indices
+
+    for task in PAPER_TASKS:
+        val = load_split(task, "validation", DATA_DIR, source="local")
+        n_train = len(val) if task in profiles.VALIDATION_AS_TRAIN else len(
+            load_split(task, "train", DATA_DIR, source="local"))
+        idx = protocol_indices(n_train, len(val), 0, 1000, 100 if task == "cb" else 500, 1000,
+                               task in profiles.VALIDATION_AS_TRAIN, name=task)
+        assert len(idx["train"]) == min(1000, profiles.EFFECTIVE_TRAIN.get(task, 1000)), task
+    assert profiles.projected_gpu_seconds(jobs_for("real")) == pytest.approx(
+        10 * sum(profiles.steps_per_epoch(j.cfg.task) * 5 for j in jobs_for("real")) / 625)
+
+
+def _present(results: Path, jobs) -> None:
+    for job in jobs:
+        save_result(job.result_path(results), config={**job.cfg.to_dict(), "chain": {}}, history=[],
+                    metrics={"status": "finished", "test_acc": 0.6, "dev_acc": 0.6}, meta={"created_at": "x"})
+
+
+def test_missing_lists_counts_and_shards(tmp_path, capsys):
+    cpu = sorted(jobs_for("real-cpu"), key=lambda j: j.job_id)
+    _present(tmp_path, [j for j in cpu if j.cfg.task == "sst2"])
+    assert run_all.main(["--profile", "real-cpu", "--only", "lm", "--missing", "--results-dir", str(tmp_path),
+                         "--shard", "0/2"]) == 0
+    out = capsys.readouterr().out
+    assert "24 LM jobs, 12 present, 12 missing" in out
+    assert "| real_cpu | 12/12 | 0/12 | 12/24 |" in out  # tasks in the paper's order
+    lines = out.splitlines()
+    listed = [ln.strip() for ln in lines if ln.startswith("  smollm2-135m/")]
+    assert sorted(listed) == sorted(j.job_id for j in cpu if j.cfg.task == "rte")
+    shard_heads = [ln for ln in lines if ln.startswith("shard ")]
+    assert [h.split(":")[0] for h in shard_heads] == ["shard 0/2", "shard 1/2"]
+    assert "`python paper_repro/run_all.py --profile real-cpu --only lm --shard 1/2`" in shard_heads[1]
+    assert sum(int(h.split(": ")[1].split()[0]) for h in shard_heads) == 12
+    ids = {j.lm.job_id for j in run_all.shard(run_all.job_list("real-cpu", ("lm",))[0], 1, 2)}
+    in_shard1 = [m.strip() for m in lines[lines.index(shard_heads[1]) + 1:] if m.startswith("  ")]
+    assert in_shard1 and set(in_shard1) <= ids  # listed under the shard that runs them
+    _present(tmp_path, cpu)
+    assert run_all.main(["--profile", "real-cpu", "--only", "lm", "--missing", "--results-dir", str(tmp_path)]) == 0
+    assert "nothing is missing" in capsys.readouterr().out
+
+
+def test_dry_run_projects_gpu_time(tmp_path, capsys):
+    assert run_all.main(["--profile", "real", "--only", "lm", "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    hours = profiles.projected_gpu_seconds(jobs_for("real")) / 3600
+    assert "1525 jobs" in out and f"projected GPU time of those 1525 LM jobs: {hours:.1f} h" in out
+    assert "real_ablation" in out and "smollm2-135m/boolq/" in out
