@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paper_repro import report  # noqa: E402
-from paper_repro.lm import tables  # noqa: E402
+from paper_repro.lm import plots, tables  # noqa: E402
 from paper_repro.make_figures import build  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "results"
@@ -119,3 +120,71 @@ def test_empty_results_dir_gives_a_report_of_not_run_parts(tmp_path):
     summary = build(tmp_path / "res", tmp_path / "fig", log=lambda m: None)
     text = (tmp_path / "fig" / "REPORT.md").read_text()
     assert text.count("not run") >= 8 and not summary.bound_violated
+
+
+def _bars(ax) -> dict[str, list[float]]:
+    """legend label -> heights of that bar series."""
+    from matplotlib.container import BarContainer
+
+    return {c.get_label(): [r.get_height() for r in c] for c in ax.containers if isinstance(c, BarContainer)}
+
+
+def _errorbar_lines(ax) -> list[tuple[list[float], list[float]]]:
+    from matplotlib.container import ErrorbarContainer
+
+    return [(list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())) for c in ax.containers
+            if isinstance(c, ErrorbarContainer)]
+
+
+def test_lora_vs_cola_figure_shows_the_result_files_accuracies(built):
+    """Bars are the mean test accuracy per method and the dots every seed's, read straight from the JSON files."""
+    results, _, _ = built
+    acc: dict[str, list[float]] = {}
+    for path in sorted((results / "lm" / "smollm2-135m" / "sst2").glob("*.json")):
+        payload = json.loads(path.read_text())
+        acc.setdefault(payload["config"]["method"], []).append(100 * payload["metrics"]["test_acc"])
+    main = tables.main_table(tables.select_lr(tables.load_lm_results(results)), "smollm2-135m")
+    fig = plots.lora_vs_cola_figure(main, "SmolLM2")
+    ax = fig.axes[0]
+    bars = _bars(ax)
+    assert sorted(bars) == ["COLA-3 (mean)", "LoRA (mean)"]
+    assert bars["LoRA (mean)"] == pytest.approx([sum(acc["lora"]) / len(acc["lora"])])
+    assert bars["COLA-3 (mean)"] == pytest.approx([sum(acc["cola"]) / len(acc["cola"])])
+    dots = sorted(round(float(y), 9) for c in ax.collections for y in c.get_offsets()[:, 1])
+    zero_shot = [100 * json.loads(p.read_text())["metrics"]["zero_shot_test_acc"]
+                 for p in (results / "lm" / "smollm2-135m" / "sst2").glob("lora-*.json")]
+    assert dots == sorted(round(v, 9) for v in [*acc["lora"], *acc["cola"], sum(zero_shot) / len(zero_shot)])
+
+
+def test_lm_figures_plot_the_tables_values(built):
+    """Chain length and rank step-down figures show the numbers of the tables written next to them."""
+    _, figs, _ = built
+    t4 = pd.read_csv(figs / "tables" / "table4_chain_length.csv")
+    fig = plots.chain_length_figure(t4)
+    drawn = sorted(tuple(round(float(v), 6) for v in y) for ax in fig.axes for _, y in _errorbar_lines(ax))
+    lengths = sorted(int(c[5:]) for c in t4.columns if c.startswith("mean_"))
+    expected = sorted(tuple(round(row[f"mean_{n}"], 6) for n in lengths if not pd.isna(row[f"mean_{n}"]))
+                      for _, row in t4.iterrows())
+    assert drawn and drawn == expected
+    step = pd.read_csv(figs / "tables" / "fig3_rank_stepdown.csv")
+    fig = plots.stepdown_figure(step)
+    assert len(fig.axes) == len(step)
+    for ax, (_, row) in zip(fig.axes, step.iterrows()):
+        ((ranks, means),) = _errorbar_lines(ax)
+        assert means == pytest.approx([row[f"mean_r{r}"] for r in ranks]) and len(ranks) >= 2
+        lora = [line.get_ydata()[0] for line in ax.get_lines() if line.get_label() == "LoRA r=8"]
+        assert lora == pytest.approx([row["lora_mean"]])
+
+
+def test_report_names_the_results_folder_relative_to_the_repository(built, tmp_path):
+    """A report built from the repository's results names them relative to the root (no machine's path in the
+    committed report); results elsewhere keep their absolute path."""
+    results, figs, _ = built
+    assert report.shown_path(ROOT / "paper_repro" / "results") == "paper_repro/results"
+    assert report.shown_path(results) == str(results.resolve())
+    assert f"from the result files in `{results.resolve()}`" in (figs / "REPORT.md").read_text()
+    inside = ROOT / "paper_repro" / "results" / "theory"  # committed results, read only
+    report.write_report(tmp_path / "REPORT.md", sections=[], verdicts=[], metas=[], git=("abc", False),
+                        results_dir=inside)
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "from the result files in `paper_repro/results/theory`" in text and str(ROOT) not in text

@@ -43,6 +43,100 @@ def test_smoke_run_writes_results_and_plot_reads_them(smoke, key):
     assert all(p.stat().st_size > 1000 and p.stem == FIGS[key] for p in figs)
 
 
+# --- what the figures show: their data read back from the matplotlib artists, expected values from the CSVs -----
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def _ys(line) -> list[float]:
+    return [float(y) for y in line.get_ydata()]
+
+
+def _check_t1(fig, rows, payload):
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    assert [ax.get_title().split(" (")[0] for ax in fig.axes] == problems
+    for ax, name in zip(fig.axes, problems):
+        rs = [r for r in rows if r["problem"] == name]
+        Ts = sorted({int(r["T"]) for r in rs})
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for label, col in ((r"idealized COLA $\frac{1}{T}\sum g_t$", "avg_fw_gap"),
+                           (r"$\frac{M}{\eta T}+\frac{\eta\beta D^2}{2}+\bar\epsilon$", "bound")):
+            expected = [_mean([float(r[col]) for r in rs if int(r["T"]) == T]) for T in Ts]
+            assert _ys(lines[label]) == pytest.approx(expected, rel=1e-12), (name, col)
+
+
+def _check_t2(fig, rows, payload):
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    assert [ax.get_title() for ax in fig.axes] == cases
+    for ax, case in zip(fig.axes, cases):
+        seeds = sorted({r["seed"] for r in rows if r["case"] == case}, key=int)
+        lines = ax.get_lines()
+        assert len(lines) == 2 * len(seeds)
+        for line, seed in zip(lines, seeds):  # FW suboptimality per seed, then the bound per seed
+            assert _ys(line) == [max(float(r["subopt"]), 1e-16) for r in rows if r["case"] == case
+                                 and r["seed"] == seed]
+        for line, seed in zip(lines[len(seeds):], seeds):
+            assert _ys(line) == [float(r["bound"]) for r in rows if r["case"] == case and r["seed"] == seed]
+
+
+def _check_t3(fig, rows, payload):
+    from matplotlib.container import BarContainer
+
+    chosen = [r for r in rows if r["chosen"] == "True"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, col in zip(fig.axes, ("dist", "final_loss")):
+        (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+        means = [_mean([float(r[col]) for r in chosen if r["method"] == m]) for m in methods]
+        assert [b.get_height() for b in bars] == pytest.approx(means, rel=1e-12)
+        dots = [_ys(line) for line in ax.get_lines() if line.get_marker() == "."]
+        assert dots == [[float(r[col]) for r in chosen if r["method"] == m] for m in methods]
+
+
+def _check_t4(fig, rows, payload):
+    from matplotlib.container import ErrorbarContainer
+
+    chosen = [r for r in rows if r["chosen"] == "True"]
+    cola = list(dict.fromkeys(r["method"] for r in chosen if r["method"].startswith("COLA")))
+    for ax, col in zip(fig.axes, ("dist", "final_loss")):
+        (errorbar,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        xs = [int(x) for x in errorbar.lines[0].get_xdata()]
+        assert xs == [int(r["ranks"].split("/")[1]) for r in chosen if r["method"] in cola]
+        assert _ys(errorbar.lines[0]) == pytest.approx(
+            [_mean([float(r[col]) for r in chosen if r["method"] == m]) for m in cola], rel=1e-12)
+        lora = [_ys(line)[0] for line in ax.get_lines() if line.get_label().startswith("LoRA rank")]
+        assert lora == pytest.approx([float(r[col]) for r in chosen if r["method"].startswith("LoRA")], rel=1e-12)
+
+
+def _check_t5(fig, rows, payload):
+    curves = payload["metrics"]["curves"]
+    seed = next(s for s in curves if "chain" in curves[s])
+    cf = curves[seed]["closed_form"]
+    for ax, keys in zip(fig.axes[1:], (("subopt", "pl_bound"), ("avg_grad_sq", "grad_bound"))):
+        assert [_ys(line) for line in ax.get_lines()] == [[float(v) for v in cf[k]] for k in keys]
+    diverged = {r["method"]: int(r["diverged_step"]) for r in rows if r["part"] == "chain" and
+                r["seed"] == seed and r["status"] == "diverged"}
+    marked = sorted(int(line.get_xdata()[0]) - 1 for line in fig.axes[0].get_lines() if line.get_marker() == "x")
+    assert len(diverged) == 2 and marked == sorted(diverged.values())  # LoRA and COLA diverge at 1/L
+
+
+CHECKS = {"T1": _check_t1, "T2": _check_t2, "T3": _check_t3, "T4": _check_t4, "T5": _check_t5}
+
+
+@pytest.mark.parametrize("key", sorted(FILES))
+def test_figure_shows_the_saved_results(smoke, key):
+    import matplotlib.pyplot as plt
+
+    out = smoke[0]
+    rows = read_csv(out / "theory" / f"{FILES[key]}.csv")
+    fig = EXPERIMENTS[key].figure(out)
+    try:
+        CHECKS[key](fig, rows, load_result(out / "theory" / f"{FILES[key]}.json"))
+    finally:
+        plt.close(fig)
+
+
 def test_t1_table_has_the_promised_columns_and_every_point_holds(smoke):
     rows = read_csv(smoke[0] / "theory" / "theorem41.csv")
     for col in ("problem", "seed", "T", "avg_fw_gap", "eps", "bound", "paper_bound", "ratio", "eta", "M", "beta",

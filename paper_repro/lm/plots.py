@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,15 +17,16 @@ import pandas as pd
 from paper_repro.lm.tables import MODEL_LABELS
 from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 def _label(model: str) -> str:
     return MODEL_LABELS.get(model, model)
 
 
-def plot_stepdown(df: pd.DataFrame, fig_dir: Path) -> list[Path]:
+def stepdown_figure(df: pd.DataFrame) -> Figure:
     """One panel per (model, task, setting) row of `stepdown_table`."""
-    if df is None or df.empty:
-        return []
     fig, axes = new_figure(1, len(df), width=2.8)
     for ax, (_, row) in zip(axes[0], df.iterrows()):
         ranks = sorted(int(c[6:]) for c in df.columns if c.startswith("mean_r") and not math.isnan(row[c]))
@@ -37,13 +39,16 @@ def plot_stepdown(df: pd.DataFrame, fig_dir: Path) -> list[Path]:
         ax.set(title=f"{_label(row['model'])}: {row['task']}", xlabel="residual rank r (last 2 epochs)",
                ylabel="test accuracy (%)", xticks=ranks)
     axes[0][0].legend()
-    return savefig(fig, "fig3_rank_stepdown", fig_dir)
+    return fig
 
 
-def plot_chain_length(df: pd.DataFrame, fig_dir: Path) -> list[Path]:
+def plot_stepdown(df: pd.DataFrame, fig_dir: Path) -> list[Path]:
+    """fig_dir/fig3_rank_stepdown.png and .pdf (nothing for an empty table)."""
+    return [] if df is None or df.empty else savefig(stepdown_figure(df), "fig3_rank_stepdown", fig_dir)
+
+
+def chain_length_figure(df: pd.DataFrame) -> Figure:
     """Accuracy vs chain length per task; one panel per (model, setting)."""
-    if df is None or df.empty:
-        return []
     panels = list(df.groupby(["model", "setting"], sort=True))
     fig, axes = new_figure(1, len(panels), width=3.2)
     for ax, ((model, setting), grp) in zip(axes[0], panels):
@@ -55,13 +60,16 @@ def plot_chain_length(df: pd.DataFrame, fig_dir: Path) -> list[Path]:
         ax.set(title=f"{_label(model)}\n{setting}", xlabel="chain length (1 = LoRA)", ylabel="test accuracy (%)",
                xticks=[1, 2, 3])
         ax.legend()
-    return savefig(fig, "fig_chain_length", fig_dir)
+    return fig
 
 
-def plot_lora_vs_cola(df: pd.DataFrame, name: str, title: str, fig_dir: Path) -> list[Path]:
+def plot_chain_length(df: pd.DataFrame, fig_dir: Path) -> list[Path]:
+    """fig_dir/fig_chain_length.png and .pdf (nothing for an empty table)."""
+    return [] if df is None or df.empty else savefig(chain_length_figure(df), "fig_chain_length", fig_dir)
+
+
+def lora_vs_cola_figure(df: pd.DataFrame, title: str) -> Figure:
     """Bars = mean test accuracy of LoRA and COLA per task; dots = the individual seeds."""
-    if df is None or df.empty:
-        return []
     fig, axes = new_figure(1, 1, width=max(3.2, 1.4 * len(df)), height=2.8)
     ax = axes[0][0]
     x = np.arange(len(df))
@@ -80,4 +88,9 @@ def plot_lora_vs_cola(df: pd.DataFrame, name: str, title: str, fig_dir: Path) ->
     lo = min([min(v) for v in (*df["lora_values"], *df["cola_values"]) if len(v)] + [50.0])
     ax.set_ylim(max(0.0, lo - 10), 100)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
-    return savefig(fig, name, fig_dir)
+    return fig
+
+
+def plot_lora_vs_cola(df: pd.DataFrame, name: str, title: str, fig_dir: Path) -> list[Path]:
+    """fig_dir/<name>.png and .pdf of `lora_vs_cola_figure` (nothing for an empty table)."""
+    return [] if df is None or df.empty else savefig(lora_vs_cola_figure(df, title), name, fig_dir)

@@ -12,6 +12,7 @@ eta = theorem41_eta(M, beta, D, T) and the measured (1/T) sum_t g_t is checked a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from paper_repro.theory.common import (
     write_csv,
     write_markdown,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TAG, STEM, FIG = "T1", "theorem41", "t1_theorem41"
 PROBLEMS = ["robust_cauchy", "two_layer", "sigmoid_sensing"]
@@ -110,10 +114,11 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     return paths
 
 
-def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
+def figure(out_dir: Path) -> Figure:
+    """The matplotlib Figure, drawn from the saved result only (tests read its data back)."""
     from matplotlib.ticker import NullFormatter
 
-    from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
+    from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure
 
     rows = load(theory_dir(out_dir) / f"{STEM}.json")["history"]
     names = list(dict.fromkeys(r["problem"] for r in rows))
@@ -140,4 +145,11 @@ def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
     axes[0][0].set_ylabel("average Frank-Wolfe gap")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.2))
-    return savefig(fig, FIG, fig_dir)
+    return fig
+
+
+def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
+    """fig_dir/<FIG>.png and .pdf of `figure(out_dir)`."""
+    from paper_repro.plot_style import savefig
+
+    return savefig(figure(out_dir), FIG, fig_dir)

@@ -9,6 +9,7 @@ so the measured suboptimality f(x^(t)) - lower is an over-estimate and the check
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from paper_repro.theory.common import (
     write_csv,
     write_markdown,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TAG, STEM, FIG = "T2", "convex_fw", "t2_convex_fw"
 # (label, problem, tau as a multiple of ||Delta*||_*): 0.5 puts Delta* outside K (certified min_K f)
@@ -117,8 +121,9 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     return paths
 
 
-def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
-    from paper_repro.plot_style import BOUND_STYLE, new_figure, savefig
+def figure(out_dir: Path) -> Figure:
+    """The matplotlib Figure, drawn from the saved result only (tests read its data back)."""
+    from paper_repro.plot_style import BOUND_STYLE, new_figure
 
     rows = load(theory_dir(out_dir) / f"{STEM}.json")["history"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
@@ -137,4 +142,11 @@ def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
         ax.set_xlabel("FW step t")
     axes[0][0].set_ylabel(r"$f(\Delta_t) - \min_K f$")
     axes[0][0].legend()
-    return savefig(fig, FIG, fig_dir)
+    return fig
+
+
+def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
+    """fig_dir/<FIG>.png and .pdf of `figure(out_dir)`."""
+    from paper_repro.plot_style import savefig
+
+    return savefig(figure(out_dir), FIG, fig_dir)

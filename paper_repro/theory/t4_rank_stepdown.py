@@ -9,6 +9,7 @@ the adapter training cost sum_links r (m + n) steps (the residual phase at a low
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cola_theory.problems import make_problem
 from paper_repro.theory.common import (
@@ -25,6 +26,9 @@ from paper_repro.theory.common import (
     write_csv,
     write_markdown,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TAG, STEM, FIG = "T4", "rank_stepdown", "t4_rank_stepdown"
 PROBLEM = {"m": 24, "n": 32, "k": 12, "N": 400}
@@ -110,8 +114,9 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     return paths
 
 
-def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
-    from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
+def figure(out_dir: Path) -> Figure:
+    """The matplotlib Figure, drawn from the saved result only (tests read its data back)."""
+    from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure
 
     rows = load(theory_dir(out_dir) / f"{STEM}.json")["history"]
     summ = summarize(rows)
@@ -137,4 +142,11 @@ def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
     axes[0][0].legend(loc="center right")
     fig.suptitle(f"Rank step-down at a fixed budget (target rank {PROBLEM['k']})", fontsize=9)
-    return savefig(fig, FIG, fig_dir)
+    return fig
+
+
+def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
+    """fig_dir/<FIG>.png and .pdf of `figure(out_dir)`."""
+    from paper_repro.plot_style import savefig
+
+    return savefig(figure(out_dir), FIG, fig_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from paper_repro.theory.common import (
     write_csv,
     write_markdown,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TAG, STEM, FIG = "T5", "rac_counterexample", "t5_rac_counterexample"
 RANK = 1
@@ -135,8 +139,9 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     return paths
 
 
-def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
-    from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
+def figure(out_dir: Path) -> Figure:
+    """The matplotlib Figure, drawn from the saved result only (tests read its data back)."""
+    from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure
 
     payload = load(theory_dir(out_dir) / f"{STEM}.json")
     rows, curves = payload["history"], payload["metrics"]["curves"]
@@ -177,4 +182,11 @@ def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
     ax.set_title("nonconvex rate (expectation)")
     ax.legend()
     fig.suptitle(f"rac_quadratic (seed {seed}): LoRA/COLA diverge at 1/L, RAC-LoRA converges", fontsize=9, y=1.04)
-    return savefig(fig, FIG, fig_dir)
+    return fig
+
+
+def plot(out_dir: Path, fig_dir: Path) -> list[Path]:
+    """fig_dir/<FIG>.png and .pdf of `figure(out_dir)`."""
+    from paper_repro.plot_style import savefig
+
+    return savefig(figure(out_dir), FIG, fig_dir)
