@@ -1,0 +1,169 @@
+"""The `real` study (paper_repro.lm.study) from synthetic result payloads: selection, verdicts, figures, report."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cola_theory.results import save_result  # noqa: E402
+from paper_repro.lm import stats, study  # noqa: E402
+from paper_repro.lm.profiles import jobs_for  # noqa: E402
+
+TASKS = ("wsc", "rte")  # the study's tests use two tasks of the real profile (all its variants)
+BEST_LR = 5e-4  # dev peaks here; every other LR has a worse dev and a (decoy) better test accuracy
+EFFECT = {"LoRA": 0.0, "COLA-3": 2.0, "COLA-2": 1.0, "COLA-5": 2.5, study.RESTART: 1.5, study.JAGGED: -3.0,
+          study.NO_RESET: 0.0, "step-down 8→2": 0.5, "step-down 8→4": 1.0, "step-down 8→6": 1.5,
+          "step-down 8→8": -1.0}
+
+
+def planted(task: str, variant: str, seed: int) -> float:
+    """Test accuracy (%) at the best LR: a seed level shared by all variants (pairing) + effect + noise."""
+    noise = 0.4 * (((seed * 7 + len(variant)) % 3) - 1) if variant != "LoRA" else 0.0
+    return 60.0 + 3 * seed + (5.0 if task == "rte" else 0.0) + EFFECT[variant] + noise
+
+
+def write_results(root: Path, tasks=TASKS) -> int:
+    n = 0
+    for job in jobs_for("real"):
+        c = job.cfg
+        if c.task not in tasks:
+            continue
+        v = study.variant_label(c.to_dict())
+        dev, test = (70.0 + EFFECT[v], planted(c.task, v, c.seed)) if c.lr == BEST_LR else (50.0, 99.0)
+        m = {"status": "finished", "test_acc": test / 100, "dev_acc": dev / 100, "best_epoch": 4}
+        if c.zero_shot:
+            m["zero_shot_test_acc"] = 0.5
+        save_result(job.result_path(root), config={**c.to_dict(), "chain": {}}, history=[], metrics=m,
+                    meta={"created_at": "2026-12-01T00:00:00Z", "device": "test"})
+        n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("real")
+    write_results(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def loaded(results):
+    runs, cov = study.load_study(results, warn=lambda m: None)
+    sel = stats.select_lr_per_seed(runs)
+    return runs, cov, sel, study.comparisons(sel, ("sst2", "wsc", "rte"))
+
+
+def test_variant_labels_come_from_the_config_alone():
+    labels = {study.variant_label(j.cfg.to_dict()) for j in jobs_for("real")}
+    assert labels == set(EFFECT)  # one label per variant, the same on every task
+
+
+def test_loading_coverage_and_dev_selection(loaded):
+    runs, cov, sel, _ = loaded
+    n_jobs = len([j for j in jobs_for("real") if j.cfg.task in TASKS])
+    assert len(runs) == n_jobs
+    assert study.coverage_line(cov) == f"not run yet: {n_jobs} of 1525 runs present"
+    assert study.coverage_line(cov, "real_fig3") == "not run yet: 250 of 375 runs present"  # sst2 missing
+    assert (sel["lr"] == BEST_LR).all() and (sel["test_acc"] < 99).all()  # chosen on dev, never on test
+    row = sel[(sel["task"] == "rte") & (sel["variant"] == "COLA-3") & (sel["seed"] == 2)].iloc[0]
+    assert row["test_acc"] == pytest.approx(planted("rte", "COLA-3", 2))
+
+
+def test_comparisons_recover_the_planted_effects(loaded):
+    _, _, _, comp = loaded
+    pooled = comp[comp["task"] == "pooled"].set_index(["treatment", "control"])
+    for variant, effect in EFFECT.items():
+        if variant == "LoRA":
+            continue
+        noise = sum(0.4 * (((s * 7 + len(variant)) % 3) - 1) for s in range(5)) / 5
+        assert pooled.loc[(variant, "LoRA"), "mean_diff"] == pytest.approx(effect + noise), variant
+    assert pooled.loc[("COLA-3", "LoRA"), "verdict"] == "supported"
+    assert pooled.loc[(study.JAGGED, "LoRA"), "verdict"] == "not supported"
+    assert pooled.loc[(study.NO_RESET, "LoRA"), "verdict"] == "inconclusive at this scale"
+    assert pooled.loc[(study.RESTART, "COLA-3"), "mean_diff"] < 0  # restart: +1.5 vs COLA-3's +2
+    assert pooled.loc[("COLA-3", "COLA-2"), "mean_diff"] == pytest.approx(1.0, abs=0.5)
+    assert set(comp[comp["treatment"] == "step-down 8→2"]["task"]) == {"wsc", "rte", "pooled"}
+
+
+def test_forest_figure_reads_back_the_plotted_values(loaded):
+    import matplotlib.pyplot as plt
+
+    _, _, _, comp = loaded
+    fig = study.forest_figure(comp, study.VS_LORA)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title().split("\n")[0] for ax in axes] == list(study.VS_LORA)
+    labels = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert labels == ["wsc", "rte", "pooled"]
+    ticks = dict(zip(axes[0].get_yticks(), labels))
+    for ax in axes:
+        rows = comp[(comp["treatment"] == ax.get_title().split("\n")[0]) & (comp["control"] == "LoRA")]
+        bars = ax.containers[0]
+        xs = bars.lines[0].get_xdata()
+        assert list(xs) == pytest.approx(list(rows["mean_diff"]))
+        (segments,) = [c.get_segments() for c in bars.lines[2]]
+        assert [s[0][0] for s in segments] == pytest.approx(list(rows["ci_lo"]))
+        assert [s[1][0] for s in segments] == pytest.approx(list(rows["ci_hi"]))
+        assert [ticks[y] for y in bars.lines[0].get_ydata()] == list(rows["task"])
+    plt.close(fig)
+
+
+def test_table4_and_fig3_analogues(loaded):
+    _, _, sel, _ = loaded
+    t4 = study.table4(sel, ("sst2", "wsc", "rte")).set_index("task")
+    assert list(t4.index) == ["wsc", "rte"]  # a task without results has no row
+    mean = lambda v, t: sum(planted(t, v, s) for s in range(5)) / 5  # noqa: E731
+    assert t4.loc["rte", "mean_length 3"] == pytest.approx(mean("COLA-3", "rte"))
+    assert t4.loc["wsc", "mean_length 1"] == pytest.approx(mean("LoRA", "wsc"))
+    assert t4.loc["rte", "length 5"].endswith("(n=5)") and " ± " in t4.loc["rte", "length 5"]
+    f3 = study.fig3_table(sel, ("rte",), (2, 8)).set_index("task")
+    assert f3.loc["rte", "mean_r=8"] == pytest.approx(mean("step-down 8→8", "rte"))
+    assert f3.loc["rte", "mean_LoRA r=8"] == pytest.approx(mean("LoRA", "rte"))
+
+
+def test_report_section_tables_and_verdicts(results, tmp_path):
+    files: list[Path] = []
+    sections, verdicts = study.report_section(results, tmp_path, files, log=lambda m: None)
+    (title, text), = sections
+    assert "SmolLM2-135M" in title and "not run yet:" in text and "--profile real-cpu" in text
+    assert "instead of OPT-1.3B / Llama-2-7B" in text and "tasks with results: wsc, rte (2 of 7)" in text
+    by_claim = {v.claim: v for v in verdicts}
+    assert by_claim["cola_ge_lora"].status == "supported"
+    assert by_claim["chain_length"].status == "supported"  # 2 > 1 and 3 > 2 planted
+    assert by_claim["step_down"].status == "not supported"  # r=8 planted below LoRA
+    assert "not OPT-1.3B / Llama-2-7B" in by_claim["cola_ge_lora"].detail
+    assert "not run yet" in by_claim["cola_ge_lora"].detail
+    names = {p.name for p in files}
+    for stem in ("table_real_main", "table_real_comparisons", "table_real_table4", "fig3_real_rank_stepdown"):
+        assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names, stem
+    for stem in ("fig_real_forest", "fig_real_forest_vs_cola3", "fig_real_table4", "fig3_real_rank_stepdown"):
+        assert (tmp_path / f"{stem}.png").stat().st_size > 1000 and (tmp_path / f"{stem}.pdf").exists()
+    csv = pd.read_csv(tmp_path / "tables" / "table_real_comparisons.csv")
+    row = csv[(csv["treatment"] == "COLA-3") & (csv["control"] == "LoRA") & (csv["task"] == "pooled")].iloc[0]
+    assert row["ci_lo"] > 0 and row["n_pairs"] == 10 and row["verdict"] == "supported"
+    assert "| wsc |" in (tmp_path / "tables" / "table_real_main.md").read_text()
+    assert "not supported: it is worse than COLA-3" in text  # jagged cosine vs COLA-3
+
+
+def test_nothing_run_yet_degrades_gracefully(tmp_path):
+    files: list[Path] = []
+    sections, verdicts = study.report_section(tmp_path / "none", tmp_path / "fig", files, log=lambda m: None)
+    assert "not run yet: 0 of 1525 runs present" in sections[0][1] and not files
+    assert [v.status for v in verdicts] == ["not run"] * 3
+
+
+def test_full_report_has_the_section_and_keeps_the_real_runs_out_of_the_cpu_table(results, tmp_path):
+    from paper_repro.make_figures import build
+
+    build(results, tmp_path, log=lambda m: None)
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "## Real model at the paper's protocol" in report
+    assert "| real: SmolLM2-135M, COLA-3 vs LoRA pooled over tasks | **supported** |" in report
+    assert not (tmp_path / "tables" / "table_cpu_smollm2.md").exists()  # real results are not the cpu profile's
+    assert not math.isnan(pd.read_csv(tmp_path / "tables" / "table_real_table4.csv")["mean_length 2"].iloc[0])
