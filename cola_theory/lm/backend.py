@@ -10,6 +10,7 @@ reset_optimizer  the knot's policy on exactly the link factors
 
 `batch_fn(t)` must depend only on t (and fixed data): that, the saved RNG state and the saved optimizer
 state make a resumed run (see `state_dict` and `cola_theory.lm.checkpoint`) identical to an uninterrupted one.
+`extra_state` carries the state of helpers (e.g. `cola_theory.lm.best_dev.BestDev`) in the same checkpoints.
 
 ddp=True (torch.distributed initialised, e.g. by `cola_theory.lm.distributed.init_from_env`): forward/backward run
 through a DistributedDataParallel wrapper, knots on the unwrapped model; every knot is checked to be bitwise
@@ -134,6 +135,9 @@ class PeftChainBackend:
         self.ddp, self.mean_loss = ddp, ddp  # mean_loss: the reported step loss is the mean over ranks
         self.wrapped: nn.Module | None = None  # the DDP wrapper (forward/backward only)
         self.compile, self.compile_backend = compile, compile_backend
+        # name -> object with state_dict() -> {"meta": JSON-able, "tensors": {...}} and load_state_dict(state):
+        # saved in (and restored from) this backend's checkpoints
+        self.extra_state: dict[str, Any] = {}
 
     # -- setup -------------------------------------------------------------------------------------
     def _attach(self, rank: int) -> None:
@@ -307,6 +311,12 @@ class PeftChainBackend:
         meta = {"format": STATE_FORMAT, "t": self.t, "link": self.link, "rank": self.rank, "active": self.active,
                 "links": links_meta, "layers": self.layer_names, "fp32_master": self.master is not None,
                 "config": _json_config(self.cfg)}
+        if self.extra_state:
+            meta["extra_state"] = {}
+            for key, obj in self.extra_state.items():
+                extra = obj.state_dict()
+                meta["extra_state"][key] = extra["meta"]
+                tensors.update({f"extra/{key}/{k}": v for k, v in extra["tensors"].items()})
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         return {"meta": meta, "tensors": tensors, "optimizer": self.optimizer.state_dict()}
 
@@ -324,6 +334,10 @@ class PeftChainBackend:
                              f"has {mine.get(k)!r} (differing fields: {diff}); use the same config to resume")
         if meta["fp32_master"] != self.fp32_master:
             raise ValueError(f"checkpoint has fp32_master={meta['fp32_master']}; construct the backend with the same")
+        extras = meta.get("extra_state", {})
+        if set(extras) != set(self.extra_state):
+            raise ValueError(f"checkpoint carries the state of {sorted(extras)} but this backend of "
+                             f"{sorted(self.extra_state)} (e.g. LMRunConfig.best_dev differs); use the same config")
         if not isinstance(self.model, PeftModel):
             self._attach(meta["rank"])  # captures W_0 from the (original) base before it is overwritten
         elif meta["rank"] != self.rank:
@@ -353,6 +367,10 @@ class PeftChainBackend:
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_states)
         self.t, self.link, self.active = meta["t"], meta["link"], meta["active"]
+        for key, obj in self.extra_state.items():
+            prefix = f"extra/{key}/"
+            obj.load_state_dict({"meta": extras[key],
+                                 "tensors": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}})
         if self.ddp:
             from cola_theory.lm.distributed import set_rng_states
 

@@ -305,6 +305,9 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     sample = sample_protocol(cfg.task, seed=cfg.seed, num_train=cfg.num_train, num_dev=cfg.num_dev,
                              num_test=cfg.num_test, data_dir=data_dir,
                              split_validation_as_train=split_validation_as_train)
+    if cfg.best_dev and not sample["dev"]:
+        raise ValueError(f"LMRunConfig.best_dev=True selects the epoch on dev, but num_dev={cfg.num_dev!r} gave no "
+                         "dev examples; use num_dev >= 1 (None = MeZO's size) or best_dev=False")
     model, tok, note = model_bundle or load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()} if model_bundle else None
     train = [scoring.encode_example(tok, ex, cfg.max_length) for ex in sample["train"]]  # dev/test: accuracy()
@@ -354,12 +357,24 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
                                compile_backend=cfg.compile_backend)
     ckpt_cls = dist_mod.RankZeroCheckpointer if ddp else KnotCheckpointer
     ckpt = ckpt_cls(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
+    best = None
+    if cfg.best_dev:  # MeZO's load_best_model_at_end: the dev loss after every epoch, the best epoch is tested
+        from cola_theory.lm.best_dev import BestDev, dev_loss
+
+        best = BestDev(backend, lambda m: dev_loss(m, tok, sample["dev"], cfg.eval_batch_size, cfg.max_length,
+                                                   cfg.pad_to_multiple_of or None), steps_per_epoch,
+                       chain_cfg.total_steps)
+        backend.extra_state["best_dev"] = best  # the losses and the best snapshot ride in the checkpoints
     t_train = time.perf_counter()
-    result = run_chain(backend, chain_cfg, log_every=1, checkpointer=ckpt)
+    result = run_chain(backend, chain_cfg, log_every=1, checkpointer=ckpt, on_step=best)
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["status"], metrics["diverged"] = result.status, result.diverged
     peft_model = backend.model
     metrics["trainable_params"] = sum(p.numel() for p in backend.link_parameters())
+    if best is not None:
+        metrics.update(best.metrics())
+        if result.status == "finished":
+            metrics["best_dev_restored"] = best.restore_best()  # False: the last epoch is the best
     if result.status == "finished":
         t_eval = time.perf_counter()
         metrics["test_acc"] = accuracy(peft_model, "test")
