@@ -2,7 +2,7 @@
 
     python paper_repro/run_all.py [--profile smoke|cpu|gpu] [--only theory,lm,figures] [--force]
                                   [--shard i/n] [--results-dir DIR] [--figures-dir DIR] [--data-dir DIR]
-                                  [--device cpu|cuda] [--dry-run]
+                                  [--device cpu|cuda] [--dry-run] [--set FIELD=VALUE ...]
 
 Profiles: smoke (< 1 min: theory at size "smoke" + tiny-opt LM runs; used by the tests), cpu (default: the full
 theory suite + SmolLM2-135M on real SST-2 / RTE subsets, ~15 min on 2 cores), gpu (paper scale: OPT-1.3B and
@@ -63,6 +63,55 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def parse_pack(text: str) -> int | str:
+    """'off' -> 0, 'auto' -> 'auto', 'N' -> N >= 1."""
+    if text in ("off", "auto"):
+        return 0 if text == "off" else "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--pack {text!r}: use a pack size N >= 1, 'off' or 'auto'")
+    return n
+
+
+def pack_size(pack: int | str, device: str | None) -> int:
+    """--pack auto: 25 runs per pack on a CUDA device (a small model's step is launch-bound there), off on a CPU."""
+    if pack != "auto":
+        return int(pack)
+    import torch
+
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return 25 if cuda else 0
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """'warmup_steps=10' -> ('warmup_steps', 10): an LMRunConfig field or chain setting (`LMRunConfig.override`);
+    VALUE is a Python literal (ast.literal_eval: 1e-3, True, None, (0.9, 0.99)), else taken as a string."""
+    import ast
+
+    from cola_theory.lm.train import CHAIN_OVERRIDES, LMRunConfig
+
+    field, eq, raw = text.partition("=")
+    field = field.strip()
+    choices = sorted({f for f in LMRunConfig.__dataclass_fields__} | set(CHAIN_OVERRIDES))
+    if not eq or field not in choices:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: use FIELD=VALUE with FIELD one of {', '.join(choices)}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return field, value
+
+
+def apply_settings(jobs: list, settings: dict) -> list:
+    """The LM jobs with `settings` applied to every config (validated; merged where configs coincide)."""
+    from paper_repro.lm.profiles import LMJob, _dedupe
+
+    return _dedupe([LMJob(j.cfg.override(settings), j.groups) for j in jobs]) if settings else jobs
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_all.py", description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]),
@@ -77,8 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="benchmark data (default: $COLA_DATA_DIR, else ../shared/data)")
     p.add_argument("--device", help="torch device for the LM runs (default: cuda if available, else cpu)")
     p.add_argument("--dry-run", action="store_true", help="print the job list and exit")
+    p.add_argument("--set", action="append", type=parse_setting, default=[], metavar="FIELD=VALUE",
+                   help="override an LMRunConfig field or chain setting (warmup_steps, optimizer, betas, ...) for "
+                        "every LM job of the profile (repeatable; recorded in the result files; new job ids)")
     p.add_argument("--missing", action="store_true", help="print the LM jobs without a valid result (per group / "
                    "task, and by shard of --shard i/n) and exit")
+    p.add_argument("--pack", type=parse_pack, default="auto", metavar="N|off|auto",
+                   help="train up to N LM runs that differ only in lr / seed / schedule / reset as one pack on one "
+                        "base (cola_theory.lm.packed_train); off: one run at a time; auto (default): 25 on a "
+                        "CUDA device, off on a CPU")
     return p
 
 
@@ -101,8 +157,8 @@ def theory_experiments() -> dict:
     return EXPERIMENTS
 
 
-def job_list(profile: str, parts: tuple[str, ...]) -> tuple[list[Job], list[str]]:
-    """(jobs sorted by id, problems): the theory experiments and the LM runs of a profile."""
+def job_list(profile: str, parts: tuple[str, ...], settings: dict | None = None) -> tuple[list[Job], list[str]]:
+    """(jobs sorted by id, problems): the theory experiments and the LM runs of a profile (`settings`: --set)."""
     jobs, problems = [], []
     if "theory" in parts:
         try:
@@ -112,7 +168,7 @@ def job_list(profile: str, parts: tuple[str, ...]) -> tuple[list[Job], list[str]
     if "lm" in parts:
         from paper_repro.lm.profiles import jobs_for
 
-        jobs += [Job("lm", j.job_id, j) for j in jobs_for(profile)]
+        jobs += [Job("lm", j.job_id, j) for j in apply_settings(jobs_for(profile), settings or {})]
     return sorted(jobs, key=lambda j: j.job_id), problems
 
 
@@ -202,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     for path, flag in checks if not args.dry_run else []:  # before any work
         if (msg := check_writable(path, flag)) is not None:
             parser.error(msg)
-    jobs, problems = job_list(args.profile, parts)
+    settings = dict(args.set)
+    if len(settings) < len(args.set):
+        parser.error(f"--set: a field is given twice ({[f for f, _ in args.set]})")
+    try:
+        jobs, problems = job_list(args.profile, parts, settings)
+    except (ValueError, TypeError) as exc:  # a value the configs reject
+        parser.error(f"--set {' '.join(f'{k}={v!r}' for k, v in settings.items())}: {exc}")
     if args.missing:
         from paper_repro.lm.missing import missing_report
 
@@ -270,6 +332,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, results_dir: Path) -> di
                 done(f"lm/{job.job_id}", "no-data")
         else:
             run_lm_jobs(lm_jobs, results_dir, data_dir=data_dir, force=args.force, device=args.device,
+                        pack=pack_size(args.pack, args.device),
                         log=lambda m: tqdm.write(m, file=sys.stdout),
                         on_done=lambda job, status: done(f"lm/{job.job_id}", status))
     bar.close()

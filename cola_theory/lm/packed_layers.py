@@ -166,10 +166,11 @@ class StackedAdam:
                 p.mul_(1 - lr_p * wd_p)
             else:
                 g = g + wd_p * p
+            # torch.optim.AdamW's operations in its order (the moments match it bitwise)
             m.copy_(torch.where(live_p.bool(), torch.lerp(m, g, 1 - b1), m))
-            v.copy_(torch.where(live_p.bool(), v * b2 + (1 - b2) * g * g, v))
-            denom = v.sqrt() / self._per_run(bc2_sqrt, p) + self.eps
-            p.sub_((lr_p / self._per_run(bc1, p)) * m / denom)
+            v.copy_(torch.where(live_p.bool(), (v * b2).addcmul_(g, g, value=1 - b2), v))
+            denom = (v.sqrt() / self._per_run(bc2_sqrt, p)).add_(self.eps)
+            p.add_((m / denom) * -(lr_p / self._per_run(bc1, p)))
 
     def zero_grad(self) -> None:
         for p in self.params:

@@ -10,6 +10,7 @@ once and handed to `run_lm` as `model_bundle` (it restores the base weights afte
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import shutil
 import traceback
@@ -93,60 +94,118 @@ def existing_result(job: LMJob, results_dir: Path, log: Callable[[str], None]) -
     return payload
 
 
-def _data_problem(task: str, data_dir: Path, cache: dict[str, str | None]) -> str | None:
-    """None if both splits of `task` load from `data_dir`, else the loader's reason plus how to fix it."""
-    if task not in cache:
+def _data_problem(task: str, data_dir: Path, cache: dict[tuple, str | None],
+                  validation_as_train: bool = False) -> str | None:
+    """None if the splits `task` needs load from `data_dir` (only the validation split when it also supplies the
+    training rows), else the loader's reason plus how to fix it."""
+    key = (task, validation_as_train)
+    if key not in cache:
         from cola_theory.lm.data import load_split
 
         try:
-            for split in ("train", "validation"):
+            for split in ("validation",) if validation_as_train else ("train", "validation"):
                 load_split(task, split, data_dir, source="local")
-            cache[task] = None
+            cache[key] = None
         except (FileNotFoundError, ValueError) as exc:  # MissingSplitError (BoolQ train absent), bad rows
-            cache[task] = f"{exc}; {DATA_HELP}"
-    return cache[task]
+            cache[key] = f"{exc}; {DATA_HELP}"
+    return cache[key]
+
+
+def _validation_as_train(job: LMJob) -> bool:
+    return bool(getattr(job.cfg, "split_validation_as_train", False))
+
+
+def plan_packs(jobs: Iterable[LMJob], pack: int) -> list[list[LMJob]]:
+    """The jobs in run order, cut into packs: jobs that can share one (`packed_train.pack_key`: same model, task,
+    sizes and chain shape; any learning rate, seed, schedule, reset) in sorted job-id order, each group split into
+    the fewest packs of at most `pack` runs, of near-equal sizes. pack <= 1: one job per unit (sequential).
+    The cut depends only on the job list, so a rerun forms the same packs (and finds their checkpoints)."""
+    ordered = sorted(jobs, key=lambda j: (j.cfg.model, j.cfg.dtype, j.job_id))
+    if pack <= 1:
+        return [[j] for j in ordered]
+    from cola_theory.lm.packed_train import pack_key
+
+    groups: dict[tuple, list[LMJob]] = {}
+    for job in ordered:
+        groups.setdefault((job.cfg.model, job.cfg.dtype, _validation_as_train(job), pack_key(job.cfg)), []).append(job)
+    units = []
+    for group in groups.values():
+        n = -(-len(group) // pack)
+        units += [group[i * len(group) // n:(i + 1) * len(group) // n] for i in range(n)]
+    return sorted(units, key=lambda u: (u[0].cfg.model, u[0].cfg.dtype, u[0].job_id))
+
+
+def pack_checkpoint_dir(jobs: list[LMJob], results_dir: Path) -> Path:
+    """Knot checkpoints of a pack, named by its members (another member set is another pack)."""
+    digest = hashlib.sha256("\n".join(j.job_id for j in jobs).encode()).hexdigest()[:16]
+    return Path(results_dir) / "lm" / "checkpoints" / f"pack-{digest}"
 
 
 def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, force: bool = False,
                 device: str | None = None, log: Callable[[str], None] = print,
-                on_done: Callable[[LMJob, str], None] | None = None) -> LMOutcome:
-    """Run (or skip) every job; `on_done(job, status)` is called after each (progress bars)."""
-    import torch
+                on_done: Callable[[LMJob, str], None] | None = None, pack: int = 0) -> LMOutcome:
+    """Run (or skip) every job; `on_done(job, status)` is called after each (progress bars).
 
-    from cola_theory.lm.train import run_lm
+    pack > 1: the jobs still to run are trained in packs of up to `pack` runs on one base (`run_lm_packed`;
+    a unit left with one job runs sequentially); a failed pack fails its members and the others still run.
+    """
+    import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out, data_cache = LMOutcome(), {}
     bundle_key, bundle = None, None
-    for job in sorted(jobs, key=lambda j: (j.cfg.model, j.cfg.dtype, j.job_id)):
-        jid, path = job.job_id, job.result_path(results_dir)
-        status = ""
-        if not force and existing_result(job, results_dir, log) is not None:
-            status = "skipped"
-            shutil.rmtree(job.checkpoint_dir(results_dir), ignore_errors=True)  # left if killed right after saving
-        elif (problem := _data_problem(job.cfg.task, data_dir, data_cache)) is not None:
-            status, out.reasons[jid] = "no-data", problem
-            log(f"[lm] skip {jid}: {problem}")
-        else:
-            ckpt = job.checkpoint_dir(results_dir)
-            if force and ckpt.exists():
-                shutil.rmtree(ckpt)
+    for unit in plan_packs(jobs, pack):
+        todo = []
+        for job in unit:
+            jid = job.job_id
+            if not force and existing_result(job, results_dir, log) is not None:
+                out.status[jid] = "skipped"
+                shutil.rmtree(job.checkpoint_dir(results_dir), ignore_errors=True)  # left if killed after saving
+            elif (problem := _data_problem(job.cfg.task, data_dir, data_cache, _validation_as_train(job))) is not None:
+                out.status[jid], out.reasons[jid] = "no-data", problem
+                log(f"[lm] skip {jid}: {problem}")
+            else:
+                todo.append(job)
+        if todo:
+            key = (todo[0].cfg.model, todo[0].cfg.dtype)
             try:
-                if bundle_key != (job.cfg.model, job.cfg.dtype):
+                if bundle_key != key:
                     bundle = None
                     gc.collect()
-                    bundle = load_bundle(job.cfg.model, job.cfg.dtype, device)
-                    bundle_key = (job.cfg.model, job.cfg.dtype)
-                torch.manual_seed(job.cfg.seed)  # dropout draws independent of what ran before in this process
-                run_lm(job.cfg, path, data_dir=str(data_dir), checkpoint_dir=ckpt, model_bundle=bundle,
-                       device=device, progress=False)
-                shutil.rmtree(ckpt, ignore_errors=True)
-                status = "ran"
+                    bundle, bundle_key = load_bundle(*key, device), key
+                _run_unit(todo, results_dir, data_dir, bundle, device, force)
+                for job in todo:
+                    out.status[job.job_id] = "ran"
             except Exception as exc:  # noqa: BLE001 - one failed job must not stop the others
-                status, out.reasons[jid] = "failed", f"{type(exc).__name__}: {exc}"
-                log(f"[lm] FAILED {jid}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+                for job in todo:
+                    out.status[job.job_id], out.reasons[job.job_id] = "failed", f"{type(exc).__name__}: {exc}"
+                log(f"[lm] FAILED {', '.join(j.job_id for j in todo)}: {type(exc).__name__}: {exc}\n"
+                    f"{traceback.format_exc()}")
                 bundle_key, bundle = None, None  # the shared model may be left half-modified: reload it
-        out.status[jid] = status
         if on_done is not None:
-            on_done(job, status)
+            for job in unit:
+                on_done(job, out.status[job.job_id])
     return out
+
+
+def _run_unit(todo: list[LMJob], results_dir: Path, data_dir: Path, bundle: tuple, device: str, force: bool) -> None:
+    """One job with `run_lm`, or several with `run_lm_packed`; knot checkpoints deleted once the results exist."""
+    import torch
+
+    from cola_theory.lm.packed_train import run_lm_packed
+    from cola_theory.lm.train import run_lm
+
+    vat = _validation_as_train(todo[0])
+    ckpt = todo[0].checkpoint_dir(results_dir) if len(todo) == 1 else pack_checkpoint_dir(todo, results_dir)
+    if force and ckpt.exists():
+        shutil.rmtree(ckpt)
+    if len(todo) == 1:
+        job = todo[0]
+        torch.manual_seed(job.cfg.seed)  # dropout draws independent of what ran before in this process
+        run_lm(job.cfg, job.result_path(results_dir), data_dir=str(data_dir), checkpoint_dir=ckpt,
+               model_bundle=bundle, device=device, split_validation_as_train=vat)
+    else:
+        torch.manual_seed(todo[0].cfg.seed)
+        run_lm_packed([j.cfg for j in todo], [j.result_path(results_dir) for j in todo], data_dir=str(data_dir),
+                      checkpoint_dir=ckpt, model_bundle=bundle, device=device, split_validation_as_train=vat)
+    shutil.rmtree(ckpt, ignore_errors=True)
