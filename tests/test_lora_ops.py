@@ -2,6 +2,7 @@
 exactly the LoRA factors, rank step-down, and the bf16 fold drift with and without a float32 master."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -52,6 +53,8 @@ def test_fold_preserves_logits_and_adds_scaled_BA(kind):
         assert B.abs().max() > 0
         expected[name] = layer.get_base_layer().weight.detach() + 2.0 * (B @ A).detach()  # alpha/r = 16/8
     ids = [id(p) for p in link_parameters(model)]
+    biases = {name: layer.get_base_layer().bias for name, layer in lora_layers(model)}
+    biases = {name: None if b is None else b.detach().clone() for name, b in biases.items()}
     tied = fold_(model)
     assert torch.allclose(logits(model), before, atol=1e-5)
     assert [id(p) for p in link_parameters(model)] == ids  # the Parameter objects are kept
@@ -60,9 +63,11 @@ def test_fold_preserves_logits_and_adds_scaled_BA(kind):
         assert torch.allclose(layer.get_base_layer().weight, expected[name], atol=1e-7)
         B, A, s = tied[name]
         assert s == 2.0 and B.shape == (layer.out_features, 8) and A.shape == (8, layer.in_features)
-    # OPT keeps its q/v bias in the base layer, untouched by the fold
-    if kind == "opt":
-        assert lora_layers(model)[0][1].get_base_layer().bias is not None
+    # OPT keeps its q/v bias in the base layer, untouched by the fold (bit for bit); Llama has none
+    assert all((b is not None) == (kind == "opt") for b in biases.values())
+    for name, layer in lora_layers(model):
+        bias = layer.get_base_layer().bias
+        assert bias is None if biases[name] is None else torch.equal(bias, biases[name]), name
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -204,4 +209,22 @@ def test_bad_inputs_name_the_field():
         fold_(model, master={})
     # any target_modules: an MLP projection too
     m2 = add_chain_lora(tiny_model("llama"), 2, target_modules=["q_proj", "v_proj", "up_proj"])
-    assert len(lora_layers(m2)) == 6 and copy.deepcopy(m2) is not None
+    names = [name for name, _ in lora_layers(m2)]
+    assert len(names) == 6 and sum(name.endswith("mlp.up_proj") for name in names) == 2  # 2 layers x 3 targets
+    # a deep copy (a frozen reference model) is the same function with its own tensors
+    clone = copy.deepcopy(m2)
+    assert [name for name, _ in lora_layers(clone)] == names and torch.equal(logits(clone), logits(m2))
+    with torch.no_grad():
+        for _, layer in lora_layers(clone):
+            layer.lora_B[ADAPTER].weight.fill_(0.5)
+    assert not torch.equal(logits(clone), logits(m2))
+    assert all(not layer.lora_B[ADAPTER].weight.any() for _, layer in lora_layers(m2))  # original untouched
+
+
+@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2's PeftModel.__init__ reads transformers 5.x's deprecated "
+                   "`is_gradient_checkpointing`; needs a warnings filter around get_peft_model in "
+                   "lora_ops.add_chain_lora (strict: remove this mark once that is in)")
+def test_attaching_the_adapter_emits_no_future_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        add_chain_lora(tiny_model("opt"), 2)
