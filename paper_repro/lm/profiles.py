@@ -220,7 +220,7 @@ def _real_extras(task: str) -> dict:
     if "best_dev" in _CFG_FIELDS:
         extras["best_dev"] = True
     # TODO(split_validation_as_train): BoolQ's train split is not in the offline data; needs an LMRunConfig field
-    # (so the result says so) that run_lm passes to sample_protocol and runner._data_problem honours
+    # (so the result file says so; paper_repro.lm.runner already reads it with getattr and passes it to run_lm)
     if task in VALIDATION_AS_TRAIN and "split_validation_as_train" in _CFG_FIELDS:
         extras["split_validation_as_train"] = True
     return extras
@@ -282,14 +282,14 @@ def real_pending(tasks: tuple[str, ...] = REAL_TASKS) -> list[str]:
     """What the `real` profile leaves out until LMRunConfig has the field it needs (printed by --dry-run)."""
     runs = len(LR_GRID) * len(PAPER_SEEDS)
     out = [f"{name}: {runs * len(tasks)} runs, needs LMRunConfig.chain_overrides (restart_warmup_steps)"
-           for name, v in ablation_variants(tasks[0]).items() if v is None]
+           for name, v in ablation_variants(tasks[0]).items() if v is None] if tasks else []
     if "best_dev" not in _CFG_FIELDS:
         out.append("best-dev checkpoint (MeZO load_best_model_at_end): every run ends at the last step until "
                    "LMRunConfig.best_dev exists")
-    if "split_validation_as_train" not in _CFG_FIELDS:
+    if "split_validation_as_train" not in _CFG_FIELDS and set(tasks) & set(VALIDATION_AS_TRAIN):
         n = len(real_jobs(tuple(t for t in tasks if t in VALIDATION_AS_TRAIN)))
         out.append(f"{', '.join(VALIDATION_AS_TRAIN)}: {n} runs are skipped as no-data (train split absent) until "
-                   "LMRunConfig.split_validation_as_train exists and the runner passes it to run_lm")
+                   "LMRunConfig.split_validation_as_train exists (the runner already honours it)")
     return out
 
 
