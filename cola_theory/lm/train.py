@@ -165,6 +165,11 @@ class LMRunConfig:
                 raise ValueError(f"LMRunConfig.{name}={value!r}: use True or False"
                                  + (" (or None = auto)" if name == "fp32_master" else ""))
         object.__setattr__(self, "chain_overrides", normalise_chain_overrides(self.chain_overrides))
+        # the chain settings with ChainConfig's own checks now (the step counts once the run length is known)
+        late = ("warmup_steps", "restart_warmup_steps")
+        ChainConfig(total_steps=1 << 40, n_links=self.n_links, rank=self.rank, alpha=self.alpha, lr=self.lr,
+                    lr_schedule=self.lr_schedule, optimizer_reset=self.optimizer_reset, weight_decay=self.weight_decay,
+                    seed=self.seed, **{k: v for k, v in self.chain_overrides if k not in late})
 
     def chain_config(self, steps_per_epoch: int) -> ChainConfig:
         """The chain schedule: links of `link_epochs` (or equal shares of `epochs`) in optimizer steps."""
