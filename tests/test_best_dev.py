@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
@@ -222,3 +223,41 @@ def test_run_lm_records_the_fold(tmp_path, fp32_master, fold):
         payload = tiny_run(cfg, tmp_path, dtype=torch.bfloat16)
     assert payload["metrics"]["fold"] == fold and payload["metrics"]["status"] == "finished"
     assert tiny_run(dataclasses.replace(cfg, fp32_master=None), tmp_path)["metrics"]["fold"] == "float32 weights"
+
+
+@needs_data
+def test_run_lm_best_dev_killed_and_resumed(tmp_path, monkeypatch, capsys):
+    """run_lm with a checkpoint directory, killed after epoch 3 of 4 (best epoch 2, measured): the resumed run
+    writes the same result as an uninterrupted one (losses, best epoch, history, accuracies)."""
+    from cola_theory.lm import best_dev as mod
+    from cola_theory.lm.models import load_model
+    from cola_theory.lm.train import run_lm
+    from paper_repro.lm.runner import tiny_tokenizer
+
+    cfg = LMRunConfig(**dict(TINY, method="cola", n_links=2, epochs=4.0, lr=0.2, seed=1), best_dev=True,
+                      checkpoint_every=1)
+
+    def run(out):
+        model, _, _ = load_model(cfg.model, device="cpu", tiny_vocab=128)
+        return run_lm(cfg, tmp_path / out, data_dir=str(DATA_DIR), checkpoint_dir=tmp_path / "ck",
+                      model_bundle=(model.eval(), tiny_tokenizer(), "tiny"), device="cpu", progress=False)
+
+    ref = run("ref.json")
+    shutil.rmtree(tmp_path / "ck")  # the killed run starts from scratch
+    real_call = mod.BestDev.__call__
+
+    def dying(self, t, link=None):
+        real_call(self, t, link)
+        if t == 3 * 2 + 1:  # 2 steps per epoch: in epoch 4, after the checkpoint of step 6
+            raise Killed(t)
+
+    monkeypatch.setattr(mod.BestDev, "__call__", dying)
+    with pytest.raises(Killed):
+        run("killed.json")
+    monkeypatch.setattr(mod.BestDev, "__call__", real_call)
+    capsys.readouterr()
+    again = run("again.json")
+    assert "after 6 steps" in capsys.readouterr().out  # resumed from the checkpoint of step 6
+    keys = ("dev_loss_per_epoch", "best_epoch", "best_dev_loss", "best_dev_restored", "test_acc", "dev_acc")
+    assert {k: again["metrics"][k] for k in keys} == {k: ref["metrics"][k] for k in keys}
+    assert ref["metrics"]["best_epoch"] < 4 and again["history"] == ref["history"]
