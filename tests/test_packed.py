@@ -243,7 +243,7 @@ def test_tied_links_export_as_one_adapter_equal_to_the_runs_delta():
     from cola_theory.chain import run_chain
 
     run_chain(backend, cfgs[0])
-    assert [r for _, r in backend.tied] == [4, 2]
+    assert [[r for _, r in run] for run in backend.tied] == [[4, 2], [4, 2]]
     for k in range(2):
         links = backend.run_links(k)
         assert [link["rank"] for link in links] == [4, 2]
@@ -317,3 +317,37 @@ def test_runner_packs_resume_per_run_and_match_the_sequential_runner(tmp_path):
     assert load_result(job.result_path(tmp_path / "pk"))["metrics"]["test_acc"] == \
         load_result(job.result_path(tmp_path / "seq"))["metrics"]["test_acc"]
     assert not any(p.is_file() for p in (tmp_path / "pk" / "lm" / "checkpoints").rglob("*"))  # removed after results
+
+
+@needs_data
+def test_best_dev_pack_selects_and_restores_each_runs_best_epoch_as_run_lm_does(tmp_path, monkeypatch):
+    tok, model = tiny_tokenizer(), tiny_model("llama").eval()
+    base = LMRunConfig(method="cola", n_links=3, best_dev=True, checkpoint_every=2, **TINY)
+    cfgs = [dataclasses.replace(base, lr=lr, seed=s) for lr, s in ((3e-2, 0), (1e-2, 1), (1e-3, 2))]
+    kw = dict(data_dir=str(DATA_DIR), model_bundle=(model, tok, "tiny"), device="cpu")
+    packed = run_lm_packed(cfgs, **kw)
+    restored = 0
+    for cfg, p in zip(cfgs, packed):
+        seq = _sequential(cfg, model, tok)
+        _assert_same_run(seq, p)
+        m, s = p["metrics"], seq["metrics"]
+        assert m["best_epoch"] == s["best_epoch"] and m["best_dev_restored"] == s["best_dev_restored"]
+        torch.testing.assert_close(m["dev_loss_per_epoch"], s["dev_loss_per_epoch"], rtol=1e-5, atol=1e-7)
+        assert m["best_epoch"] == 1 + min(range(3), key=lambda e: m["dev_loss_per_epoch"][e])
+        restored += m["best_dev_restored"]
+    assert restored >= 1  # an earlier epoch won for at least one run: the restore path itself is compared
+    original = PackedChainBackend.step
+
+    def dying(self, lr):
+        if self.t == 9:
+            raise KeyboardInterrupt("killed")
+        return original(self, lr)
+
+    monkeypatch.setattr(PackedChainBackend, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_lm_packed(cfgs, checkpoint_dir=tmp_path / "c", **kw)
+    monkeypatch.setattr(PackedChainBackend, "step", original)
+    for a, b in zip(packed, run_lm_packed(cfgs, checkpoint_dir=tmp_path / "c", **kw)):
+        assert a["history"] == b["history"]
+        assert {k: a["metrics"][k] for k in ("best_epoch", "dev_loss_per_epoch", "test_acc")} == \
+            {k: b["metrics"][k] for k in ("best_epoch", "dev_loss_per_epoch", "test_acc")}

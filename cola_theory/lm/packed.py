@@ -122,7 +122,8 @@ class PackedChainBackend:
         self.lrs: list[list[float]] = [[] for _ in cfgs]
         self.resets: list[list[dict[str, float]]] = [[] for _ in cfgs]  # per run, per knot
         self.diverged: list[dict[str, Any] | None] = [None] * self.K
-        self.tied: list[tuple[int, int]] = []  # (link index, rank) of every tied link, in order
+        self.tied: list[list[tuple[int, int]]] = [[] for _ in cfgs]  # per run: (link index, rank) of its tied links
+        self.extra_state: dict[str, Any] = {}  # helpers' state saved in the checkpoints (e.g. best-dev tracking)
 
     # -- the five verbs ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,7 +187,8 @@ class PackedChainBackend:
             return
         for _, layer in self.layers:
             layer.tie()
-        self.tied.append((self.link, self.rank))
+        for tied in self.tied:
+            tied.append((self.link, self.rank))
         self.active = False
 
     def reset_optimizer(self, policy: str) -> dict[str, float]:
@@ -209,9 +211,9 @@ class PackedChainBackend:
         """Run k's tied links as the sequential backend records them: {"index", "rank", "factors": {layer:
         (B (m, r), A (r, n), alpha/r)}} (CPU float32), ready for `cola_theory.lm.export.export_chain`."""
         out, start = [], 0
-        for index, r in self.tied:
+        for index, r in self.tied[k]:
             factors = {name: (layer.T_B[k, :, start:start + r].cpu().clone(),
-                              layer.T_A[k, start:start + r].cpu().clone(), float(layer.T_s[start]))
+                              layer.T_A[k, start:start + r].cpu().clone(), float(layer.T_s[k, start]))
                        for name, layer in self.layers}
             out.append({"index": index, "rank": r, "factors": factors})
             start += r
@@ -268,7 +270,11 @@ class PackedChainBackend:
         meta = {"format": STATE_FORMAT, "packed": self.K, "t": self.t, "link": self.link, "rank": self.rank,
                 "active": self.active, "tied": self.tied, "losses": self.losses, "lrs": self.lrs,
                 "resets": self.resets, "diverged": self.diverged, "configs": self._config_json(),
-                "layers": [n for n, _ in self.layers]}
+                "layers": [n for n, _ in self.layers], "extra_state": {}}
+        for key, obj in self.extra_state.items():
+            extra = obj.state_dict()
+            meta["extra_state"][key] = extra["meta"]
+            tensors.update({f"extra/{key}/{k}": v for k, v in extra["tensors"].items()})
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         return {"meta": meta, "tensors": tensors, "optimizer": self.optimizer.state_dict()}
 
@@ -296,6 +302,14 @@ class PackedChainBackend:
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda)
         self.t, self.active = meta["t"], meta["active"]
-        self.tied = [tuple(x) for x in meta["tied"]]
+        self.tied = [[tuple(x) for x in run] for run in meta["tied"]]
+        extras = meta.get("extra_state", {})
+        if set(extras) != set(self.extra_state):
+            raise ValueError(f"checkpoint carries the state of {sorted(extras)} but this pack of "
+                             f"{sorted(self.extra_state)} (e.g. LMRunConfig.best_dev differs); use the same configs")
+        for key, obj in self.extra_state.items():
+            prefix = f"extra/{key}/"
+            obj.load_state_dict({"meta": extras[key],
+                                 "tensors": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}})
         self.losses, self.lrs = meta["losses"], meta["lrs"]
         self.resets, self.diverged = meta["resets"], meta["diverged"]

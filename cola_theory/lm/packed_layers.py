@@ -8,7 +8,7 @@ A packed forward takes the K runs' batches concatenated row-wise in K equal bloc
 W (m, n) is shared and frozen, so its GEMM runs once over all K S rows. The current link is stacked,
 A: (K, r, n), B: (K, m, r), and applied with two batched matmuls (no loop over runs). Knots cannot fold into
 the shared W: a tied link is kept as frozen factors appended to T_A: (K, R, n), T_B: (K, m, R) (with the scale
-alpha/r_j of each column in T_s), R = sum of the tied ranks. In exact arithmetic this is Algorithm 1's
+alpha/r_j of each column in T_s: (K, R)), R = sum of the tied ranks. In exact arithmetic this is Algorithm 1's
 W_0 + sum_j (alpha/r_j) B_j A_j (departure from the paper: the sum is not materialised in W; the result differs
 from a folded W only by float rounding, and it is exported exactly like the sequential path's links).
 
@@ -43,7 +43,7 @@ class PackedLoRALinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(n_runs, m, rank, device=dev))  # (K, m, r)
         self.register_buffer("T_A", torch.zeros(n_runs, 0, n, device=dev), persistent=False)  # (K, R, n)
         self.register_buffer("T_B", torch.zeros(n_runs, m, 0, device=dev), persistent=False)  # (K, m, R)
-        self.register_buffer("T_s", torch.zeros(0, device=dev), persistent=False)  # (R,): alpha / r_j per column
+        self.register_buffer("T_s", torch.zeros(n_runs, 0, device=dev), persistent=False)  # (K, R): alpha/r_j
 
     @property
     def rank(self) -> int:
@@ -65,7 +65,8 @@ class PackedLoRALinear(nn.Module):
         xs = x.to(self.A.dtype).reshape(K, -1, x.shape[-1])  # (K, S L, n): run k's rows are block k
         lora = torch.bmm(torch.bmm(xs, self.A.transpose(1, 2)), self.B.transpose(1, 2)) * self.scaling
         if self.T_A.shape[1]:  # tied links, kept as frozen low-rank factors
-            lora = lora + torch.bmm(torch.bmm(xs, self.T_A.transpose(1, 2)) * self.T_s, self.T_B.transpose(1, 2))
+            h = torch.bmm(xs, self.T_A.transpose(1, 2)) * self.T_s[:, None]  # (K, S L, R)
+            lora = lora + torch.bmm(h, self.T_B.transpose(1, 2))
         # as PEFT: the adapter path in float32 added to the base output, then cast back to the base's dtype
         return (out + lora.reshape(out.shape)).to(out.dtype)
 
@@ -75,13 +76,13 @@ class PackedLoRALinear(nn.Module):
         then B <- 0 (the model's function is unchanged)."""
         self.T_A = torch.cat([self.T_A, self.A.detach().float()], dim=1)
         self.T_B = torch.cat([self.T_B, self.B.detach().float()], dim=2)
-        self.T_s = torch.cat([self.T_s, torch.full((self.rank,), self.scaling, device=self.T_s.device)])
+        self.T_s = torch.cat([self.T_s, torch.full((self.n_runs, self.rank), self.scaling, device=self.T_s.device)], 1)
         self.B.zero_()
 
     def delta(self, k: int) -> Tensor:
         """W - W_0 of run k (float32): tied links plus the active link."""
         with torch.no_grad():
-            return (self.T_B[k] * self.T_s) @ self.T_A[k] + self.scaling * self.B[k] @ self.A[k]
+            return (self.T_B[k] * self.T_s[k]) @ self.T_A[k] + self.scaling * self.B[k] @ self.A[k]
 
 
 def matches(name: str, targets: Sequence[str] | str) -> bool:

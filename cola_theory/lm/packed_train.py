@@ -45,9 +45,6 @@ def check_lm_packable(cfgs: Sequence[LMRunConfig]) -> None:
     for i, c in enumerate(cfgs):
         if c.compile != "off":
             raise ValueError(f"LMRunConfig.compile={c.compile!r} (run {i}): packed runs are eager; use compile='off'")
-        if getattr(c, "best_dev", False):
-            raise ValueError(f"LMRunConfig.best_dev=True (run {i}) is not supported by the packed engine yet; "
-                             "run it with run_lm (run_all.py --pack off)")
         mine = dict(pack_key(c))
         for name in ref:
             if mine.get(name) != ref[name]:
@@ -142,6 +139,9 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
                                                       num_dev=c0.num_dev, num_test=c0.num_test, data_dir=data_dir,
                                                       split_validation_as_train=split_validation_as_train)
     samples = [samples_by_seed[c.seed] for c in cfgs]
+    if c0.best_dev and not samples[0]["dev"]:
+        raise ValueError(f"LMRunConfig.best_dev=True selects the epoch on dev, but num_dev={c0.num_dev!r} gave no "
+                         "dev examples; use num_dev >= 1 (None = MeZO's size) or best_dev=False")
     model, tok, note = model_bundle or load_model(c0.model, device=device, dtype=_dtype(c0.dtype, device))
     encode = _Encoder(tok, c0.max_length)
     pad_id = tok.pad_token_id or 0
@@ -154,6 +154,12 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
     def batch_fn(t: int) -> list[scoring.CandidateBatch]:
         return [scoring.collate([tr[i] for i in idx(t)], pad_id=pad_id, pad_limit=c0.max_length)
                 for tr, (idx, _) in zip(train, plans)]
+
+    def dev_losses(runs: list[int]) -> list[float]:
+        scores = packed_scores(model, encode, [samples[k]["dev"] for k in runs], c0.eval_batch_size, pad_id,
+                               c0.max_length)
+        return [float(scoring.classification_loss(s, torch.tensor([ex.label for ex in samples[k]["dev"]])))
+                for s, k in zip(scores, runs)]
 
     def accuracies(split: str, runs: list[int]) -> list[float]:
         return packed_accuracy(model, encode, [samples[k][split] for k in runs], c0.eval_batch_size, pad_id,
@@ -172,11 +178,21 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
                                  device=device)
     try:
         ckpt = KnotCheckpointer(checkpoint_dir, every_steps=c0.checkpoint_every) if checkpoint_dir else None
+        best = None
+        if c0.best_dev:  # MeZO's load_best_model_at_end, run by run (cola_theory.lm.packed_best_dev)
+            from cola_theory.lm.packed_best_dev import PackedBestDev
+
+            best = PackedBestDev(backend, dev_losses, steps_per_epoch, chain_cfgs[0].total_steps)
+            backend.extra_state["best_dev"] = best
         t_train = time.perf_counter()
-        result = run_chain(backend, chain_cfgs[0], log_every=1, checkpointer=ckpt)
+        result = run_chain(backend, chain_cfgs[0], log_every=1, checkpointer=ckpt, on_step=best)
         train_s = time.perf_counter() - t_train
         histories = backend.run_histories(result.history)
         finished = [k for k in range(K) if backend.diverged[k] is None]
+        for k in range(K) if best is not None else ():
+            metrics[k].update(best.metrics(k))
+            if k in finished:
+                metrics[k]["best_dev_restored"] = best.restore_best(k)  # False: the last epoch is the best
         t_eval = time.perf_counter()
         test = dict(zip(finished, accuracies("test", finished)))
         with_dev = [k for k in finished if cfgs[k].eval_dev and samples[k]["dev"]]
