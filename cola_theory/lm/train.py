@@ -398,6 +398,7 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     if ddp:
         torch.distributed.barrier()  # the result exists before any rank returns
     if saved is not None:  # give the shared base back untouched
+        backend.tie_knot()  # a diverged run ends with its link untied; its values are overwritten just below
         base = backend.unwrap()
         base.load_state_dict(saved)
     print(f"[cola] {cfg.task} {cfg.method} seed={cfg.seed}: test_acc={metrics.get('test_acc')} "
