@@ -48,7 +48,7 @@ def test_packed_layer_is_each_runs_own_lora_and_a_knot_preserves_it():
     torch.testing.assert_close(layer(x), out, rtol=1e-6, atol=1e-6)  # tying a knot does not change the function
 
 
-def _step_both(kind, wd, n_steps=4):
+def _step_both(kind, wd, n_steps=4, all_alive=False):
     torch.manual_seed(1)
     K, lrs = 3, [1e-2, 3e-3, 1e-3]
     stacked = torch.nn.Parameter(torch.randn(K, 4, 5))
@@ -60,16 +60,17 @@ def _step_both(kind, wd, n_steps=4):
     for t in range(n_steps):
         g = torch.randn(K, 4, 5, generator=torch.Generator().manual_seed(t))
         stacked.grad = g.clone()
-        opt.step(torch.tensor(lrs), torch.ones(K, dtype=torch.bool))
+        opt.step(torch.tensor(lrs), torch.ones(K, dtype=torch.bool), all_alive=all_alive)
         for k, (p, o) in enumerate(zip(refs, ref_opts)):
             p.grad = g[k].clone()
             o.step()
     return stacked, refs, opt, ref_opts
 
 
+@pytest.mark.parametrize("all_alive", [False, True])  # the masked per-tensor path and the multi-tensor path
 @pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
-def test_stacked_optimizer_equals_torch_per_run(kind):
-    stacked, refs, _, _ = _step_both(kind, wd=0.1)
+def test_stacked_optimizer_equals_torch_per_run(kind, all_alive):
+    stacked, refs, _, _ = _step_both(kind, wd=0.1, all_alive=all_alive)
     for k, p in enumerate(refs):
         torch.testing.assert_close(stacked[k].detach(), p.detach(), rtol=1e-6, atol=1e-7)
 

@@ -118,6 +118,7 @@ class PackedChainBackend:
         self.optimizer: StackedAdam | None = None
         self.t, self.link, self.rank, self.active = 0, -1, 0, False
         self.alive = torch.ones(self.K, dtype=torch.bool, device=self.device)
+        self.n_alive = self.K
         self.losses: list[list[float]] = [[] for _ in cfgs]  # per run, per step
         self.lrs: list[list[float]] = [[] for _ in cfgs]
         self.resets: list[list[dict[str, float]]] = [[] for _ in cfgs]  # per run, per knot
@@ -166,8 +167,9 @@ class PackedChainBackend:
         losses = per_run_loss(scores, merged["labels"], sizes)  # (K,)
         stepping = self.alive & torch.isfinite(losses.detach())
         torch.where(stepping, losses, torch.zeros_like(losses)).sum().backward()
-        self.optimizer.step(lr_tensor(lrs, self.device), stepping)
         values = losses.detach().cpu().tolist()
+        all_alive = self.n_alive == self.K and all(math.isfinite(v) for v in values)
+        self.optimizer.step(lr_tensor(lrs, self.device), stepping, all_alive=all_alive)
         for k, (value, live) in enumerate(zip(values, self.alive.tolist())):
             if not live:
                 continue
@@ -176,6 +178,7 @@ class PackedChainBackend:
             if not math.isfinite(value):
                 self.diverged[k] = {"step": self.t, "link": self.link, "loss": str(value)}
         self.alive &= stepping
+        self.n_alive = int(self.alive.sum())
         self.t += 1
         live = [v for v, a in zip(values, self.alive.tolist()) if a]
         return sum(live) / len(live) if live else math.nan
@@ -297,6 +300,7 @@ class PackedChainBackend:
                 setattr(layer, key, tensors[f"{name}/{key}"].to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.alive = tensors["alive"].to(torch.bool).to(self.device)
+        self.n_alive = int(self.alive.sum())
         torch.set_rng_state(tensors["rng/cpu"])
         cuda = [tensors[k] for k in (f"rng/cuda/{i}" for i in range(torch.cuda.device_count())) if k in tensors]
         if cuda and torch.cuda.is_available():

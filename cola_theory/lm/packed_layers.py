@@ -148,13 +148,16 @@ class StackedAdam:
         return v.view(-1, *([1] * (like.dim() - 1)))  # (K,) -> (K, 1, 1)
 
     @torch.no_grad()
-    def step(self, lr: Tensor, alive: Tensor) -> None:
-        """One step; lr: (K,) learning rates, alive: (K,) bool (dead runs keep their values and state)."""
+    def step(self, lr: Tensor, alive: Tensor, all_alive: bool = False) -> None:
+        """One step; lr: (K,) learning rates, alive: (K,) bool (dead runs keep their values and state);
+        all_alive=True (the caller knows no run is dead) takes the multi-tensor path."""
         b1, b2 = self.betas
         live = alive.to(lr.dtype)
         self.step_count += live
         bc1 = 1 - b1 ** self.step_count.clamp(min=1)
         bc2_sqrt = torch.sqrt(1 - b2 ** self.step_count.clamp(min=1))
+        if self.kind != "sgd" and all_alive:
+            return self._step_all(lr, bc1, bc2_sqrt)
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
@@ -172,6 +175,26 @@ class StackedAdam:
             v.copy_(torch.where(live_p.bool(), (v * b2).addcmul_(g, g, value=1 - b2), v))
             denom = (v.sqrt() / self._per_run(bc2_sqrt, p)).add_(self.eps)
             p.add_((m / denom) * -(lr_p / self._per_run(bc1, p)))
+
+    def _step_all(self, lr: Tensor, bc1: Tensor, bc2_sqrt: Tensor) -> None:
+        """Adam/AdamW on every run with torch's multi-tensor (_foreach) kernels: the same operations in the same
+        order as the per-tensor path (and as torch.optim.AdamW), one call per operation for all tensors."""
+        b1, b2 = self.betas
+        ps, ms, vs = self.params, self.exp_avg, self.exp_avg_sq
+        gs = [p.grad for p in ps]
+        if self.kind == "adamw":
+            torch._foreach_mul_(ps, [self._per_run(1 - lr * self.wd, p) for p in ps])
+        else:
+            gs = torch._foreach_add(gs, torch._foreach_mul(ps, [self._per_run(self.wd, p) for p in ps]))
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [self._per_run(bc2_sqrt, p) for p in ps])
+        torch._foreach_add_(denom, self.eps)
+        update = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(update, [self._per_run(-(lr / bc1), p) for p in ps])
+        torch._foreach_add_(ps, update)
 
     def zero_grad(self) -> None:
         for p in self.params:

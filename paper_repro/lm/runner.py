@@ -117,7 +117,7 @@ def _validation_as_train(job: LMJob) -> bool:
 
 def plan_packs(jobs: Iterable[LMJob], pack: int) -> list[list[LMJob]]:
     """The jobs in run order, cut into packs: jobs that can share one (`packed_train.pack_key`: same model, task,
-    sizes and chain shape; any learning rate, seed, schedule, reset) in sorted job-id order, each group split into
+    sizes and chain shape; any learning rate, seed, schedule, reset) in seed-major order, each group split into
     the fewest packs of at most `pack` runs, of near-equal sizes. pack <= 1: one job per unit (sequential).
     The cut depends only on the job list, so a rerun forms the same packs (and finds their checkpoints)."""
     ordered = sorted(jobs, key=lambda j: (j.cfg.model, j.cfg.dtype, j.job_id))
@@ -130,6 +130,9 @@ def plan_packs(jobs: Iterable[LMJob], pack: int) -> list[list[LMJob]]:
         groups.setdefault((job.cfg.model, job.cfg.dtype, _validation_as_train(job), pack_key(job.cfg)), []).append(job)
     units = []
     for group in groups.values():
+        # seed-major: the runs of one seed share their batches (same sample and order), so a pack that holds a
+        # seed's learning rates pads nothing across runs
+        group = sorted(group, key=lambda j: (j.cfg.seed, j.job_id))
         n = -(-len(group) // pack)
         units += [group[i * len(group) // n:(i + 1) * len(group) // n] for i in range(n)]
     return sorted(units, key=lambda u: (u[0].cfg.model, u[0].cfg.dtype, u[0].job_id))
