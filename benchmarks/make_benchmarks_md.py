@@ -6,6 +6,8 @@ python benchmarks/gpu_bench.py             # -> results/gpu_bench.json      (H20
 bash benchmarks/device_check.sh            # on a lent device: GPU tests + gpu_bench.py in one prepared run
 python benchmarks/compile_lm.py            # -> results/compile_lm_cpu.json  (CPU, ~10 min, needs COLA_DATA_DIR)
 python benchmarks/fold_precision.py        # -> results/fold_precision.json  (CPU, ~10 s)
+python benchmarks/pack_bench.py --size tiny     # -> results/pack_bench_tiny_cpu.json (CPU, ~1 min)
+python benchmarks/pack_bench.py --size smollm2  # -> results/pack_bench_smollm2_<device>.json (CPU ~5 min)
 python benchmarks/make_benchmarks_md.py    # -> ../BENCHMARKS.md
 """
 
@@ -116,6 +118,38 @@ def fold_section(rep: dict) -> list[str]:
             ""]
 
 
+def pack_section(rep: dict) -> list[str]:
+    """Runs per hour of the packed engine (benchmarks/pack_bench.py) and the issue's goals."""
+    gpu = rep["device"].startswith("cuda")
+    seq, packs = rep["sequential_runs_per_hour"], rep["packed"]
+    lines = [f"## Packed grids: {rep['model']} on {rep['device']} (runs per hour at the MeZO protocol's "
+             f"{rep['protocol']['steps_per_run']} steps + {rep['protocol']['eval_batches_per_run']} scoring batches)",
+             "", _machine(rep["meta"]), "",
+             "| engine | runs / hour | speedup | train step | scoring batch | peak memory | per run |",
+             "|---|---|---|---|---|---|---|",
+             f"| sequential (PeftChainBackend) | {seq:.0f} | 1.00x | {rep['step_s']['sequential'] * 1e3:.1f} ms | "
+             f"{rep['eval_s']['sequential'] * 1e3:.1f} ms | {rep['peak_mem_mb']['sequential']:.0f} MB | "
+             f"{rep['peak_mem_mb_per_run']['sequential']:.0f} MB |"]
+    for K, rph in packs.items():
+        lines.append(f"| pack of {K} | {rph:.0f} | {rep['speedup_at'][K]:.2f}x | {rep['step_s'][K] * 1e3:.1f} ms | "
+                     f"{rep['eval_s'][K] * 1e3:.1f} ms | {rep['peak_mem_mb'][K]:.0f} MB | "
+                     f"{rep['peak_mem_mb_per_run'][K]:.0f} MB |")
+    best = max(rep["speedup_at"].values())
+    mem_ok = all(rep["peak_mem_mb_per_run"][K] <= rep["peak_mem_mb_per_run"]["sequential"] * 1.01
+                 for K in packs if int(K) > 1)
+    lines += ["", "| goal | measured | verdict |", "|---|---|---|"]
+    if gpu:
+        lines.append(f"| >= 10x runs per GPU-hour (SmolLM2) | {best:.1f}x | {ok(best >= 10)} |")
+    else:
+        worst = min(x for K, x in rep["speedup_at"].items() if int(K) > 1)
+        lines.append(f"| packing never slower than sequential (K > 1) | worst {worst:.2f}x | {ok(worst >= 1)} |")
+        if rep["model"].startswith("tiny") and "8" in rep["speedup_at"]:
+            lines.append(f"| >= 3x runs per hour, tiny model, K = 8 | {rep['speedup_at']['8']:.2f}x | "
+                         f"{ok(rep['speedup_at']['8'] >= 3)} |")
+    lines.append(f"| memory per packed run <= one sequential run | {'yes' if mem_ok else 'no'} | {ok(mem_ok)} |")
+    return lines + [""]
+
+
 def main() -> str:
     lines = [
         "# Benchmarks",
@@ -161,6 +195,8 @@ def main() -> str:
     fold = _load("fold_precision.json")
     if fold:
         lines += fold_section(fold)
+    for path in sorted(RES.glob("pack_bench_*.json")):
+        lines += pack_section(json.loads(path.read_text()))
     text = "\n".join(lines)
     atomic_write_text(HERE.parent / "BENCHMARKS.md", text)
     return text

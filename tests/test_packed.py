@@ -352,3 +352,14 @@ def test_best_dev_pack_selects_and_restores_each_runs_best_epoch_as_run_lm_does(
         assert a["history"] == b["history"]
         assert {k: a["metrics"][k] for k in ("best_epoch", "dev_loss_per_epoch", "test_acc")} == \
             {k: b["metrics"][k] for k in ("best_epoch", "dev_loss_per_epoch", "test_acc")}
+
+
+@needs_data
+def test_runner_budget_defers_units_that_would_overrun_and_a_rerun_takes_them(tmp_path):
+    from paper_repro.lm.runner import run_lm_jobs
+
+    grid, _ = _grid_jobs()
+    first = run_lm_jobs(grid, tmp_path, data_dir=DATA_DIR, device="cpu", pack=3, budget_s=0.05, log=lambda m: None)
+    assert first.count("ran") == 3 and first.count("deferred") == 3  # the first pack ran, the second would not fit
+    again = run_lm_jobs(grid, tmp_path, data_dir=DATA_DIR, device="cpu", pack=3, log=lambda m: None)
+    assert again.count("skipped") == 3 and again.count("ran") == 3

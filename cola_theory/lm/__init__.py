@@ -14,6 +14,8 @@ _EXPORTS = {
     "callback": ["ColaCallback"],
     "export": ["concat_links", "export_backend", "export_chain", "original_base", "write_adapter"],
     "checkpoint": ["KnotCheckpointer", "verify"],
+    "packed": ["PackedChainBackend"],
+    "packed_train": ["run_lm_packed"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

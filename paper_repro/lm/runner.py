@@ -28,7 +28,8 @@ DATA_HELP = ("supply the benchmark files with --data-dir DIR or COLA_DATA_DIR=DI
 
 @dataclass
 class LMOutcome:
-    """What happened to each job: ran | skipped (valid result) | no-data (reason) | failed (error)."""
+    """What happened to each job: ran | skipped (valid result) | no-data (reason) | failed (error) | deferred
+    (not started: the time budget would be exceeded)."""
 
     status: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
@@ -146,17 +147,23 @@ def pack_checkpoint_dir(jobs: list[LMJob], results_dir: Path) -> Path:
 
 def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, force: bool = False,
                 device: str | None = None, log: Callable[[str], None] = print,
-                on_done: Callable[[LMJob, str], None] | None = None, pack: int = 0) -> LMOutcome:
+                on_done: Callable[[LMJob, str], None] | None = None, pack: int = 0,
+                budget_s: float | None = None) -> LMOutcome:
     """Run (or skip) every job; `on_done(job, status)` is called after each (progress bars).
 
     pack > 1: the jobs still to run are trained in packs of up to `pack` runs on one base (`run_lm_packed`;
     a unit left with one job runs sequentially); a failed pack fails its members and the others still run.
+    budget_s: start no unit that would end after this many seconds (judged by the longest unit so far; the first
+    unit always starts); the jobs left are "deferred" (a GPU window runs what fits, the next one the rest).
     """
+    import time
+
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out, data_cache = LMOutcome(), {}
     bundle_key, bundle = None, None
+    t_start, longest = time.monotonic(), 0.0
     for unit in plan_packs(jobs, pack):
         todo = []
         for job in unit:
@@ -169,7 +176,12 @@ def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, for
                 log(f"[lm] skip {jid}: {problem}")
             else:
                 todo.append(job)
+        if todo and budget_s is not None and longest and time.monotonic() - t_start + longest > budget_s:
+            for job in todo:
+                out.status[job.job_id] = "deferred"
+            todo = []
         if todo:
+            t_unit = time.monotonic()
             key = (todo[0].cfg.model, todo[0].cfg.dtype)
             try:
                 if bundle_key != key:
@@ -185,6 +197,7 @@ def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, for
                 log(f"[lm] FAILED {', '.join(j.job_id for j in todo)}: {type(exc).__name__}: {exc}\n"
                     f"{traceback.format_exc()}")
                 bundle_key, bundle = None, None  # the shared model may be left half-modified: reload it
+            longest = max(longest, time.monotonic() - t_unit)
         if on_done is not None:
             for job in unit:
                 on_done(job, out.status[job.job_id])

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU window of the protocol-scale study (the `real` profile: SmolLM2-135M, MeZO protocol, LR grid x 5 seeds),
+# run through the packed engine on a lent H200. Prepare on the development machine, from the repository root:
+#   . .venv/bin/activate && bash ../shared/device/stage.sh          # writes .device/ (wheels, data, GGUF halves)
+# then two device calls, the second right after the first (the machine keeps /tmp only while it stays warm):
+#   call 1: carry [".device"]; command: bash .device/call1.sh bash paper_repro/device_study.sh --check
+#   call 2: carry [".device"]; command: bash .device/call2.sh bash paper_repro/device_study.sh --budget-s 480
+# --check: the packed engine's tests on the GPU (about 1 min). The study step runs the `real` jobs still missing
+# (`run_all.py --profile real --missing` lists them), groups in the order of --groups (default: the main LoRA vs
+# COLA grid first), packs of --pack runs, and starts no pack that would end after --budget-s; every finished run's
+# result file lands in paper_repro/results/lm and all of them come back in $OUT/real_results.tar.gz (commit them;
+# the next window runs what is still missing).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/cola_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+budget=480 groups="real_main,real_table4,real_fig3,real_ablation" pack=25 check=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --check) check=1 ;;
+    --budget-s) budget="$2"; shift ;;
+    --groups) groups="$2"; shift ;;
+    --pack) pack="$2"; shift ;;
+    *) echo "device_study.sh: unknown argument $1"; exit 2 ;;
+  esac
+  shift
+done
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+if [ "$check" = 1 ]; then
+  timeout 200 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_packed.py 2>&1 | tail -15 | tee "$OUT/packed_tests.txt"
+  exit "${PIPESTATUS[0]}"
+fi
+start=$SECONDS
+"$PY" paper_repro/run_all.py --profile real --only lm --device cuda --pack "$pack" --group "$groups" \
+  --budget-s "$budget" 2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/study_log.txt" | tail -40
+rc=${PIPESTATUS[0]}
+"$PY" paper_repro/run_all.py --profile real --missing > "$OUT/missing.txt" 2>&1
+tar -czf "$OUT/real_results.tar.gz" -C paper_repro/results lm/smollm2-135m
+echo "device_study: run_all exit $rc, $((SECONDS - start)) s; results in $OUT/real_results.tar.gz"
+exit "$rc"
