@@ -236,13 +236,11 @@ def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int], results_
     elif not to_run:
         print("projected LM time: 0 min (no LM job would run; --force reruns everything)")
     if profile.startswith("real"):
-        from paper_repro.lm.profiles import projected_gpu_seconds, real_pending
+        from paper_repro.lm.profiles import projected_gpu_seconds
 
         if gpu := projected_gpu_seconds(to_run):
             print(f"projected GPU time of those {len(to_run)} LM jobs: {gpu / 3600:.1f} h sequential at 10 GPU-s per "
                   "625-step run (measured on an H200 with 12 processes sharing it; steps only, eval not modelled)")
-        for note in real_pending(tuple(dict.fromkeys(j.cfg.task for j in to_run))) if to_run else ():
-            print(f"pending: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:

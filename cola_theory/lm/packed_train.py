@@ -137,7 +137,8 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
         if c.seed not in samples_by_seed:
             samples_by_seed[c.seed] = sample_protocol(c0.task, seed=c.seed, num_train=c0.num_train,
                                                       num_dev=c0.num_dev, num_test=c0.num_test, data_dir=data_dir,
-                                                      split_validation_as_train=split_validation_as_train)
+                                                      split_validation_as_train=split_validation_as_train
+                                                      or c0.split_validation_as_train)
     samples = [samples_by_seed[c.seed] for c in cfgs]
     if c0.best_dev and not samples[0]["dev"]:
         raise ValueError(f"LMRunConfig.best_dev=True selects the epoch on dev, but num_dev={c0.num_dev!r} gave no "

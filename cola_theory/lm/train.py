@@ -133,6 +133,9 @@ class LMRunConfig:
     # MeZO's load_best_model_at_end: dev loss after every epoch, the best epoch's model is the one tested
     # (cola_theory.lm.best_dev; metrics best_epoch, dev_loss_per_epoch, best_dev_loss)
     best_dev: bool = False
+    # a task whose train split is missing locally (BoolQ offline) draws train/dev from the validation rows that are
+    # not in the test sample (`data.sample_protocol`): a labelled deviation from the protocol, recorded here
+    split_validation_as_train: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -159,7 +162,7 @@ class LMRunConfig:
             object.__setattr__(self, "pad_to_multiple_of", 32)  # one graph (and CUDA graph) per length bucket
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"LMRunConfig.dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
-        for name in ("fp32_master", "best_dev"):
+        for name in ("fp32_master", "best_dev", "split_validation_as_train"):
             value = getattr(self, name)
             if not (isinstance(value, bool) or (value is None and name == "fp32_master")):
                 raise ValueError(f"LMRunConfig.{name}={value!r}: use True or False"
@@ -309,7 +312,7 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     t0 = time.perf_counter()
     sample = sample_protocol(cfg.task, seed=cfg.seed, num_train=cfg.num_train, num_dev=cfg.num_dev,
                              num_test=cfg.num_test, data_dir=data_dir,
-                             split_validation_as_train=split_validation_as_train)
+                             split_validation_as_train=split_validation_as_train or cfg.split_validation_as_train)
     if cfg.best_dev and not sample["dev"]:
         raise ValueError(f"LMRunConfig.best_dev=True selects the epoch on dev, but num_dev={cfg.num_dev!r} gave no "
                          "dev examples; use num_dev >= 1 (None = MeZO's size) or best_dev=False")

@@ -18,7 +18,6 @@ Profiles
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -40,7 +39,7 @@ MAIN_LINKS = 3  # chain length of COLA in the main tables is [U]; 3 is the large
 # LMRunConfig fields added after results were published, with their defaults: at the default they stay out of
 # the job id's digest, so earlier result files keep their names (and `runner.existing_result` fills them in)
 LATE_FIELDS = {"compile": "off", "pad_to_multiple_of": 0, "compile_backend": "inductor", "chain_overrides": {},
-               "best_dev": False}
+               "best_dev": False, "split_validation_as_train": False}
 
 
 @dataclass(frozen=True)
@@ -200,9 +199,6 @@ REWARMUP_FRACTION = 0.1  # jagged cosine: re-warm-up over 10% of a link's steps 
 # sharing it; scaled by optimizer steps (evaluation, longer prompts and best-dev evaluation are not modelled)
 GPU_S_PER_625_STEPS = 10.0
 
-_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(LMRunConfig))
-
-
 def steps_per_epoch(task: str, num_train: int = 1000, batch_size: int = 8) -> int:
     """Optimizer steps per epoch of the MeZO sample of `task` (WSC and CB have fewer train rows)."""
     return math.ceil(min(num_train, EFFECTIVE_TRAIN.get(task, num_train)) / batch_size)
@@ -213,37 +209,24 @@ def rewarmup_steps(task: str, n_links: int = 3, epochs: float = 5.0) -> int:
     return max(1, round(REWARMUP_FRACTION * steps_per_epoch(task) * epochs / n_links))
 
 
-def _real_extras(task: str) -> dict:
-    """Protocol settings that need LMRunConfig fields; each is used as soon as the field exists."""
-    extras = {}
-    # MeZO's --load_best_model_at_end --evaluation_strategy epoch: the model of the best dev-loss epoch is tested
-    if "best_dev" in _CFG_FIELDS:
-        extras["best_dev"] = True
-    # TODO(split_validation_as_train): BoolQ's train split is not in the offline data; needs an LMRunConfig field
-    # (so the result file says so; paper_repro.lm.runner already reads it with getattr and passes it to run_lm)
-    if task in VALIDATION_AS_TRAIN and "split_validation_as_train" in _CFG_FIELDS:
-        extras["split_validation_as_train"] = True
-    return extras
-
-
 def _real_cfg(task: str, **kw) -> LMRunConfig:
-    return _paper_cfg(REAL_MODEL, task, max_length=REAL_MAX_LENGTH[task], dtype=REAL_DTYPE, **_real_extras(task),
-                      **kw)
+    """The protocol of `_paper_cfg` on SmolLM2, with MeZO's --load_best_model_at_end (`best_dev`: the model of the
+    best dev-loss epoch is tested) and, for BoolQ, train / dev drawn from its validation split (a labelled
+    deviation: its train split is not in the offline data)."""
+    return _paper_cfg(REAL_MODEL, task, max_length=REAL_MAX_LENGTH[task], dtype=REAL_DTYPE, best_dev=True,
+                      split_validation_as_train=task in VALIDATION_AS_TRAIN, **kw)
 
 
-def jagged_cosine_kwargs(task: str, n_links: int = 3) -> dict | None:
+def jagged_cosine_kwargs(task: str, n_links: int = 3) -> dict:
     """LMRunConfig kwargs of the jagged-cosine ablation (ReLoRA: LR to 0 at each knot, then a short re-warm-up
-    back to the global cosine), or None while LMRunConfig cannot carry ChainConfig.restart_warmup_steps."""
-    if "chain_overrides" not in _CFG_FIELDS:
-        return None
+    back to the global cosine)."""
     return dict(lr_schedule="jagged_cosine", chain_overrides={"restart_warmup_steps": rewarmup_steps(task, n_links)})
 
 
-# ablation variants beyond the main / Table 4 chains: name -> LMRunConfig kwargs (None = pending a field)
-def ablation_variants(task: str) -> dict[str, dict | None]:
+# ablation variants beyond the main / Table 4 chains: name -> LMRunConfig kwargs
+def ablation_variants(task: str) -> dict[str, dict]:
     return {"lr restart per link": dict(method="cola", n_links=3, lr_schedule="restart"),
-            "lr jagged cosine": (None if (j := jagged_cosine_kwargs(task)) is None else
-                                 dict(method="cola", n_links=3, **j)),
+            "lr jagged cosine": dict(method="cola", n_links=3, **jagged_cosine_kwargs(task)),
             "no optimizer reset": dict(method="cola", n_links=3, optimizer_reset="none"),
             **{f"COLA-{n}": dict(method="cola", n_links=n) for n in ABLATION_LINKS if n not in (2, 3)}}
 
@@ -273,24 +256,8 @@ def real_jobs(tasks: tuple[str, ...] = REAL_TASKS, seeds: tuple[int, ...] = PAPE
                 cfg = _real_cfg(task, method="cola", n_links=2, link_epochs=(3.0, 2.0), rank=(8, r), **kw)
                 jobs.append(LMJob(cfg, ("real_fig3",)))
         for variant in ablation_variants(task).values() if ablation else ():
-            if variant is not None:
-                jobs.append(LMJob(_real_cfg(task, **variant, **kw), ("real_ablation",)))
+            jobs.append(LMJob(_real_cfg(task, **variant, **kw), ("real_ablation",)))
     return _dedupe(jobs)
-
-
-def real_pending(tasks: tuple[str, ...] = REAL_TASKS) -> list[str]:
-    """What the `real` profile leaves out until LMRunConfig has the field it needs (printed by --dry-run)."""
-    runs = len(LR_GRID) * len(PAPER_SEEDS)
-    out = [f"{name}: {runs * len(tasks)} runs, needs LMRunConfig.chain_overrides (restart_warmup_steps)"
-           for name, v in ablation_variants(tasks[0]).items() if v is None] if tasks else []
-    if "best_dev" not in _CFG_FIELDS:
-        out.append("best-dev checkpoint (MeZO load_best_model_at_end): every run ends at the last step until "
-                   "LMRunConfig.best_dev exists")
-    if "split_validation_as_train" not in _CFG_FIELDS and set(tasks) & set(VALIDATION_AS_TRAIN):
-        n = len(real_jobs(tuple(t for t in tasks if t in VALIDATION_AS_TRAIN)))
-        out.append(f"{', '.join(VALIDATION_AS_TRAIN)}: {n} runs are skipped as no-data (train split absent) until "
-                   "LMRunConfig.split_validation_as_train exists (the runner already honours it)")
-    return out
 
 
 REAL_CPU_TASKS = ("sst2", "rte")
