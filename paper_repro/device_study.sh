@@ -17,12 +17,16 @@ mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 budget=480 groups="real_main,real_table4,real_fig3,real_ablation" pack=25 check=0
+profile=real device=cuda results=paper_repro/results
 while [ $# -gt 0 ]; do
   case "$1" in
     --check) check=1 ;;
     --budget-s) budget="$2"; shift ;;
     --groups) groups="$2"; shift ;;
     --pack) pack="$2"; shift ;;
+    --profile) profile="$2"; shift ;;    # (tests: --profile smoke --device cpu --groups smoke)
+    --device) device="$2"; shift ;;
+    --results-dir) results="$2"; shift ;;
     *) echo "device_study.sh: unknown argument $1"; exit 2 ;;
   esac
   shift
@@ -32,11 +36,16 @@ if [ "$check" = 1 ]; then
   timeout 200 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_packed.py 2>&1 | tail -15 | tee "$OUT/packed_tests.txt"
   exit "${PIPESTATUS[0]}"
 fi
-start=$SECONDS
-"$PY" paper_repro/run_all.py --profile real --only lm --device cuda --pack "$pack" --group "$groups" \
-  --budget-s "$budget" 2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/study_log.txt" | tail -40
-rc=${PIPESTATUS[0]}
-"$PY" paper_repro/run_all.py --profile real --missing > "$OUT/missing.txt" 2>&1
-tar -czf "$OUT/real_results.tar.gz" -C paper_repro/results lm/smollm2-135m
-echo "device_study: run_all exit $rc, $((SECONDS - start)) s; results in $OUT/real_results.tar.gz"
+rc=0
+for g in ${groups//,/ }; do  # the groups in priority order, each with the time still left
+  left=$((budget - SECONDS))
+  [ "$left" -gt 30 ] || break
+  "$PY" paper_repro/run_all.py --profile "$profile" --only lm --device "$device" --pack "$pack" --group "$g" \
+    --results-dir "$results" \
+    --budget-s "$left" 2>&1 | grep --line-buffered -v -i "warn" | tee -a "$OUT/study_log.txt" | tail -8
+  r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+done
+"$PY" paper_repro/run_all.py --profile "$profile" --results-dir "$results" --missing > "$OUT/missing.txt" 2>&1
+tar -czf "$OUT/real_results.tar.gz" --exclude=checkpoints -C "$results" lm
+echo "device_study: run_all exit $rc, ${SECONDS} s; results in $OUT/real_results.tar.gz"
 exit "$rc"

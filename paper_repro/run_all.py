@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", type=parse_setting, default=[], metavar="FIELD=VALUE",
                    help="override an LMRunConfig field or chain setting (warmup_steps, optimizer, betas, ...) for "
                         "every LM job of the profile (repeatable; recorded in the result files; new job ids)")
+    p.add_argument("--group", metavar="G[,G...]", help="LM jobs of these groups only (e.g. real_main; "
+                   "--dry-run lists each job's groups)")
+    p.add_argument("--budget-s", type=float, metavar="S", help="start no LM unit (run or pack) that would end after "
+                   "S seconds (judged by the longest so far); the rest is reported deferred (a GPU window)")
     p.add_argument("--missing", action="store_true", help="print the LM jobs without a valid result (per group / "
                    "task, and by shard of --shard i/n) and exit")
     p.add_argument("--pack", type=parse_pack, default="auto", metavar="N|off|auto",
@@ -266,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         jobs, problems = job_list(args.profile, parts, settings)
     except (ValueError, TypeError) as exc:  # a value the configs reject
         parser.error(f"--set {' '.join(f'{k}={v!r}' for k, v in settings.items())}: {exc}")
+    if args.group:
+        wanted = {g.strip() for g in args.group.split(",") if g.strip()}
+        known = {g for j in jobs if j.lm is not None for g in j.lm.groups}
+        if wanted - known:
+            parser.error(f"--group {args.group}: unknown group(s) {sorted(wanted - known)} in profile "
+                         f"{args.profile}; its groups are {sorted(known)}")
+        jobs = [j for j in jobs if j.lm is None or wanted & set(j.lm.groups)]
     if args.missing:
         from paper_repro.lm.missing import missing_report
 
@@ -333,7 +344,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, results_dir: Path) -> di
                 done(f"lm/{job.job_id}", "no-data")
         else:
             run_lm_jobs(lm_jobs, results_dir, data_dir=data_dir, force=args.force, device=args.device,
-                        pack=pack_size(args.pack, args.device),
+                        pack=pack_size(args.pack, args.device), budget_s=args.budget_s,
                         log=lambda m: tqdm.write(m, file=sys.stdout),
                         on_done=lambda job, status: done(f"lm/{job.job_id}", status))
     bar.close()

@@ -363,3 +363,23 @@ def test_runner_budget_defers_units_that_would_overrun_and_a_rerun_takes_them(tm
     assert first.count("ran") == 3 and first.count("deferred") == 3  # the first pack ran, the second would not fit
     again = run_lm_jobs(grid, tmp_path, data_dir=DATA_DIR, device="cpu", pack=3, log=lambda m: None)
     assert again.count("skipped") == 3 and again.count("ran") == 3
+
+
+@needs_data
+def test_device_study_script_runs_a_window_and_packs_its_results(tmp_path):
+    """paper_repro/device_study.sh (the prepared GPU window) at smoke size on the CPU: runs, tars, lists missing."""
+    import os
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "COLA_DATA_DIR": str(DATA_DIR)}
+    res = subprocess.run(["bash", "paper_repro/device_study.sh", "--profile", "smoke", "--device", "cpu", "--groups",
+                          "smoke", "--pack", "2", "--budget-s", "120", "--results-dir", str(tmp_path / "res")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with tarfile.open(tmp_path / "out" / "real_results.tar.gz") as tar:
+        names = [n for n in tar.getnames() if n.endswith(".json")]
+    assert len(names) == 2 and all(n.startswith("lm/tiny-opt/sst2/") for n in names)
+    assert "nothing is missing" in (tmp_path / "out" / "missing.txt").read_text()
