@@ -108,6 +108,16 @@ def parse_setting(text: str) -> tuple[str, object]:
     return field, value
 
 
+def parse_where(text: str) -> tuple[str, object]:
+    """'task=sst2' -> ('task', 'sst2'), FIELD an LMRunConfig field (VALUE parsed as --set's)."""
+    from cola_theory.lm.train import LMRunConfig
+
+    field, value = parse_setting(text)
+    if field not in LMRunConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"--where {text!r}: FIELD must be an LMRunConfig field")
+    return field, value
+
+
 def apply_settings(jobs: list, settings: dict) -> list:
     """The LM jobs with `settings` applied to every config (validated; merged where configs coincide)."""
     from paper_repro.lm.profiles import LMJob, _dedupe
@@ -134,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every LM job of the profile (repeatable; recorded in the result files; new job ids)")
     p.add_argument("--group", metavar="G[,G...]", help="LM jobs of these groups only (e.g. real_main; "
                    "--dry-run lists each job's groups)")
+    p.add_argument("--where", action="append", type=parse_where, default=[], metavar="FIELD=VALUE",
+                   help="LM jobs whose config has FIELD == VALUE only (repeatable: all must hold), e.g. --where "
+                        "task=sst2 --where seed=0")
     p.add_argument("--budget-s", type=float, metavar="S", help="start no LM unit (run or pack) that would end after "
                    "S seconds (judged by the longest so far); the rest is reported deferred (a GPU window)")
     p.add_argument("--missing", action="store_true", help="print the LM jobs without a valid result (per group / "
@@ -277,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--group {args.group}: unknown group(s) {sorted(wanted - known)} in profile "
                          f"{args.profile}; its groups are {sorted(known)}")
         jobs = [j for j in jobs if j.lm is None or wanted & set(j.lm.groups)]
+    if args.where:
+        jobs = [j for j in jobs if j.lm is None or all(getattr(j.lm.cfg, f) == v for f, v in args.where)]
     if args.missing:
         from paper_repro.lm.missing import missing_report
 
