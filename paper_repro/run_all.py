@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "S seconds (judged by the longest so far); the rest is reported deferred (a GPU window)")
     p.add_argument("--missing", action="store_true", help="print the LM jobs without a valid result (per group / "
                    "task, and by shard of --shard i/n) and exit")
+    p.add_argument("--pack-tokens", type=int, default=65536, metavar="T",
+                   help="at most T // (batch_size * max_length) runs per pack (its largest padded training batch; "
+                        "activation memory). Default 65536: an estimate for SmolLM2 on one H200 (~1 MB per token "
+                        "in float32), not yet measured")
     p.add_argument("--pack", type=parse_pack, default="auto", metavar="N|off|auto",
                    help="train up to N LM runs that differ only in lr / seed / schedule / reset as one pack on one "
                         "base (cola_theory.lm.packed_train); off: one run at a time; auto (default): 25 on a "
@@ -359,7 +363,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, results_dir: Path) -> di
                 done(f"lm/{job.job_id}", "no-data")
         else:
             run_lm_jobs(lm_jobs, results_dir, data_dir=data_dir, force=args.force, device=args.device,
-                        pack=pack_size(args.pack, args.device), budget_s=args.budget_s,
+                        pack=pack_size(args.pack, args.device), budget_s=args.budget_s, pack_tokens=args.pack_tokens,
                         log=lambda m: tqdm.write(m, file=sys.stdout),
                         on_done=lambda job, status: done(f"lm/{job.job_id}", status))
     bar.close()

@@ -294,6 +294,9 @@ def test_plan_packs_groups_what_can_share_a_pack_into_balanced_stable_units():
                     for j in u}) == 1 for u in units)
     assert plan_packs(grid, 4) == plan_packs(list(reversed(grid)), 4)  # the cut depends on the job list only
     assert [len(u) for u in plan_packs(grid, 0)] == [1] * 6
+    # a token cap: batch 4 x max_length 64 = 256 tokens per run, so 600 tokens hold 2 runs -> 3 packs of 2
+    assert sorted(len(u) for u in plan_packs(grid, 4, max_tokens=600)) == [2, 2, 2]
+    assert sorted(len(u) for u in plan_packs(grid, 4, max_tokens=100)) == [1] * 6  # at least one run
 
 
 @needs_data

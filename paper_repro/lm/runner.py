@@ -116,11 +116,13 @@ def _validation_as_train(job: LMJob) -> bool:
     return bool(getattr(job.cfg, "split_validation_as_train", False))
 
 
-def plan_packs(jobs: Iterable[LMJob], pack: int) -> list[list[LMJob]]:
+def plan_packs(jobs: Iterable[LMJob], pack: int, max_tokens: int | None = None) -> list[list[LMJob]]:
     """The jobs in run order, cut into packs: jobs that can share one (`packed_train.pack_key`: same model, task,
     sizes and chain shape; any learning rate, seed, schedule, reset) in seed-major order, each group split into
     the fewest packs of at most `pack` runs, of near-equal sizes. pack <= 1: one job per unit (sequential).
-    The cut depends only on the job list, so a rerun forms the same packs (and finds their checkpoints)."""
+    max_tokens caps a pack at max_tokens // (batch_size * max_length) runs (the padded tokens of its largest
+    training forward: activation memory). The cut depends only on the job list (a rerun forms the same packs and
+    finds their checkpoints)."""
     ordered = sorted(jobs, key=lambda j: (j.cfg.model, j.cfg.dtype, j.job_id))
     if pack <= 1:
         return [[j] for j in ordered]
@@ -131,10 +133,12 @@ def plan_packs(jobs: Iterable[LMJob], pack: int) -> list[list[LMJob]]:
         groups.setdefault((job.cfg.model, job.cfg.dtype, _validation_as_train(job), pack_key(job.cfg)), []).append(job)
     units = []
     for group in groups.values():
+        c = group[0].cfg
+        size = pack if not max_tokens else max(1, min(pack, max_tokens // (c.batch_size * c.max_length)))
         # seed-major: the runs of one seed share their batches (same sample and order), so a pack that holds a
         # seed's learning rates pads nothing across runs
         group = sorted(group, key=lambda j: (j.cfg.seed, j.job_id))
-        n = -(-len(group) // pack)
+        n = -(-len(group) // size)
         units += [group[i * len(group) // n:(i + 1) * len(group) // n] for i in range(n)]
     return sorted(units, key=lambda u: (u[0].cfg.model, u[0].cfg.dtype, u[0].job_id))
 
@@ -148,7 +152,7 @@ def pack_checkpoint_dir(jobs: list[LMJob], results_dir: Path) -> Path:
 def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, force: bool = False,
                 device: str | None = None, log: Callable[[str], None] = print,
                 on_done: Callable[[LMJob, str], None] | None = None, pack: int = 0,
-                budget_s: float | None = None) -> LMOutcome:
+                budget_s: float | None = None, pack_tokens: int | None = None) -> LMOutcome:
     """Run (or skip) every job; `on_done(job, status)` is called after each (progress bars).
 
     pack > 1: the jobs still to run are trained in packs of up to `pack` runs on one base (`run_lm_packed`;
@@ -164,7 +168,7 @@ def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, for
     out, data_cache = LMOutcome(), {}
     bundle_key, bundle = None, None
     t_start, longest = time.monotonic(), 0.0
-    for unit in plan_packs(jobs, pack):
+    for unit in plan_packs(jobs, pack, pack_tokens):
         todo = []
         for job in unit:
             jid = job.job_id
