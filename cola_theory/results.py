@@ -60,6 +60,8 @@ def environment_meta(seed: int | None = None, device: str | None = None) -> dict
         "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
         "platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "seed": seed,
+        # "high" = TF32 matmuls for float32 tensors on a CUDA device (run_all's default there), "highest" = IEEE
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "device": device or ("cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "S seconds (judged by the longest so far); the rest is reported deferred (a GPU window)")
     p.add_argument("--missing", action="store_true", help="print the LM jobs without a valid result (per group / "
                    "task, and by shard of --shard i/n) and exit")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="keep IEEE float32 matmuls on a CUDA device (default there: TF32, "
+                        "torch.set_float32_matmul_precision('high'); recorded in each result's meta)")
     p.add_argument("--pack-tokens", type=int, default=65536, metavar="T",
                    help="at most T // (batch_size * max_length) runs per pack (its largest padded training batch; "
                         "activation memory). Default 65536: an estimate for SmolLM2 on one H200 (~1 MB per token "
@@ -353,6 +356,11 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, results_dir: Path) -> di
             status = "failed"
         done(job.job_id, status)
     lm_jobs = [j.lm for j in jobs if j.kind == "lm"]
+    if lm_jobs and not args.no_tf32:
+        import torch
+
+        if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+            torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the float32 profiles (cpu, real)
     if lm_jobs:
         from paper_repro.lm.runner import resolve_data, run_lm_jobs
 
