@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cola_theory.frank_wolfe import FWTrace, fw_loop
-from cola_theory.problems import Problem
+from cola_theory.problem_base import Problem
 
 
 def lora_direction(G: np.ndarray, tau: float, rank: int, steps: int, lr: float = 1.0,

@@ -21,7 +21,7 @@ import scipy.sparse.linalg as sla
 import torch
 
 if TYPE_CHECKING:
-    from cola_theory.problems import Problem
+    from cola_theory.problem_base import Problem
 
 Array = np.ndarray | torch.Tensor
 StepFn = Callable[[int], float]  # t (0-based) -> eta_t

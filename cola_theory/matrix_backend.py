@@ -15,8 +15,9 @@ import math
 import torch
 
 from cola_theory.config import ChainConfig, Link
+from cola_theory.frank_wolfe import fw_gap
 from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
-from cola_theory.problems import Problem
+from cola_theory.problem_base import Problem
 
 Tensor = torch.Tensor
 
@@ -139,7 +140,5 @@ class MatrixBackend:
         if p.Delta_star is not None:
             out["dist"] = float(torch.linalg.norm(delta - p.Delta_star) / torch.linalg.norm(p.Delta_star))
         if self.tau is not None:
-            from cola_theory.frank_wolfe import fw_gap
-
             out["fw_gap"] = float(fw_gap(p.loss_grad(p.W0 + delta)[1], delta, self.tau))
         return out

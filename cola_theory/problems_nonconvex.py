@@ -1,6 +1,6 @@
-"""Nonconvex smooth synthetic problems (torch, float64), registered into `cola_theory.problems.REGISTRY`.
+"""Nonconvex smooth synthetic problems (torch, float64), registered into `cola_theory.problem_base.REGISTRY`.
 
-Same contract as the convex ones (see `cola_theory.problems.Problem`): a planted W* = W0 + Delta* with
+Same contract as the convex ones (see `cola_theory.problem_base.Problem`): a planted W* = W0 + Delta* with
 rank(Delta*) = k, exact gradients, and a certified smoothness constant beta, derived in each docstring as an
 upper bound on the Hessian operator norm valid for every W. Two facts are used throughout:
 
@@ -18,7 +18,7 @@ from abc import abstractmethod
 
 import torch
 
-from cola_theory.problems import DT, Problem, check_sizes, low_rank, register
+from cola_theory.problem_base import DT, Problem, check_sizes, low_rank, register
 
 Tensor = torch.Tensor
 TANH2_MAX = 4 / (3 * math.sqrt(3))  # max |tanh''| = max |2 tanh sech^2|, at tanh = 1/sqrt(3)

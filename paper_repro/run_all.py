@@ -94,7 +94,7 @@ def parse_setting(text: str) -> tuple[str, object]:
     VALUE is a Python literal (ast.literal_eval: 1e-3, True, None, (0.9, 0.99)), else taken as a string."""
     import ast
 
-    from cola_theory.lm.train import CHAIN_OVERRIDES, LMRunConfig
+    from cola_theory.lm.run_config import CHAIN_OVERRIDES, LMRunConfig
 
     field, eq, raw = text.partition("=")
     field = field.strip()
@@ -110,7 +110,7 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 def parse_where(text: str) -> tuple[str, object]:
     """'task=sst2' -> ('task', 'sst2'), FIELD an LMRunConfig field (VALUE parsed as --set's)."""
-    from cola_theory.lm.train import LMRunConfig
+    from cola_theory.lm.run_config import LMRunConfig
 
     field, value = parse_setting(text)
     if field not in LMRunConfig.__dataclass_fields__:

@@ -67,7 +67,7 @@ def launch(fn_name: str, world: int, out: str | os.PathLike, timeout: float = 60
     method = os.environ.get("COLA_TEST_START_METHOD") or ("forkserver" if torch.cuda.is_available() else "fork")
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["cola_theory.lm.distributed"])  # tests/ is not on the server's sys.path
+        ctx.set_forkserver_preload(["cola_theory.lm.fsdp"])  # tests/ is not on the server's sys.path
     port = free_port()
     procs = [ctx.Process(target=_child, args=(fn_name, r, world, port, str(out), kwargs)) for r in range(world)]
     for p in procs:
@@ -125,7 +125,8 @@ def ddp(out: str, rank: Any = (4, 2, 2), stop_at: int = 0, resume: bool = False,
     from safetensors.torch import save_file
     from torch._dynamo.utils import counters
 
-    from cola_theory.lm.distributed import RankZeroCheckpointer, init_from_env, shard_batch_fn
+    from cola_theory.lm.checkpoint import RankZeroCheckpointer
+    from cola_theory.lm.collectives import init_from_env, shard_batch_fn
 
     me = init_from_env()
     cfg = ddp_config(tuple(rank) if isinstance(rank, list) else rank)
@@ -174,7 +175,8 @@ def fsdp2(out: str, steps: int = 6) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from cola_theory.lm.distributed import Fsdp2ChainBackend, init_from_env, shard_batch_fn
+    from cola_theory.lm.collectives import init_from_env, shard_batch_fn
+    from cola_theory.lm.fsdp import Fsdp2ChainBackend
 
     me = init_from_env()
     cfg = ChainConfig(total_steps=steps, n_links=3, rank=4, alpha=8.0, lr=2e-2, seed=5)
@@ -193,7 +195,8 @@ def fsdp1(out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from cola_theory.lm.distributed import fold_fsdp1_, init_from_env, reinit_fsdp1_
+    from cola_theory.lm.collectives import init_from_env
+    from cola_theory.lm.fsdp import fold_fsdp1_, reinit_fsdp1_
     from cola_theory.lm.lora_ops import add_chain_lora
     from cola_theory.matrix_backend import link_generator
 
@@ -223,7 +226,7 @@ def fsdp1(out: str) -> None:
 
 def mismatch(out: str) -> None:
     """Rank 1 builds its base model from another seed: the backend must refuse at the first link."""
-    from cola_theory.lm.distributed import init_from_env, replica_mismatches, replicas_identical
+    from cola_theory.lm.collectives import init_from_env, replica_mismatches, replicas_identical
 
     me = init_from_env()
     model = tiny_model("opt", seed=me.rank)
@@ -241,7 +244,7 @@ def gpu_ddp(out: str) -> None:
     """One GPU, nccl, world 1: the DDP path on CUDA (device_ids, tensor loss all-reduce) equals the plain run."""
     import torch.distributed as dist
 
-    from cola_theory.lm.distributed import init_from_env
+    from cola_theory.lm.collectives import init_from_env
 
     init_from_env()
     cfg = ddp_config()
@@ -251,7 +254,7 @@ def gpu_ddp(out: str) -> None:
                              device="cuda:0", ddp=on)
         res = run_chain(b, cfg)
         runs.append((chain_tensors(b.model), [h["loss"] for h in res.history if h["event"] == "step"]))
-    from cola_theory.lm.distributed import Fsdp2ChainBackend
+    from cola_theory.lm.fsdp import Fsdp2ChainBackend
 
     cfg2 = ChainConfig(total_steps=6, n_links=3, rank=4, alpha=8.0, lr=2e-2, seed=5)
     for cls in (Fsdp2ChainBackend, PeftChainBackend):  # FSDP2 on one GPU == the plain backend on that GPU
@@ -291,7 +294,7 @@ def lm_bundle():
 
 def lm_run(out: str, world: int = 2) -> None:
     """`run_lm` under torch.distributed: rank 0 alone writes the result (inside results_root) and checkpoints."""
-    from cola_theory.lm.distributed import init_from_env
+    from cola_theory.lm.collectives import init_from_env
     from cola_theory.lm.train import run_lm
 
     me = init_from_env()

@@ -20,7 +20,7 @@ from cola_theory.chain import run_chain
 from cola_theory.config import ChainConfig, link_plan, lr_at
 from cola_theory.lm.backend import PeftChainBackend
 from cola_theory.lm.checkpoint import KnotCheckpointer
-from cola_theory.lm.distributed import shard_batch
+from cola_theory.lm.collectives import shard_batch
 from cola_theory.lm.train import LMRunConfig, run_lm
 from cola_theory.results import save_result
 

@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from cola_theory.chain import run_chain
 from cola_theory.config import ChainConfig
 from cola_theory.lm.backend import PeftChainBackend
-from cola_theory.lm.distributed import (
-    Fsdp2ChainBackend,
+from cola_theory.lm.collectives import (
     all_reduce_mean,
     gather_rng_states,
     init_from_env,
@@ -30,6 +29,7 @@ from cola_theory.lm.distributed import (
     shard_batch,
     shard_batch_fn,
 )
+from cola_theory.lm.fsdp import Fsdp2ChainBackend
 
 ATOL, RTOL, LOSS_TOL = 1e-5, 1e-4, 1e-5
 ROOT = Path(__file__).resolve().parent.parent

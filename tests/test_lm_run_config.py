@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cola_theory.lm.train import CHAIN_OVERRIDES, LMRunConfig, fold_mode, resolve_dtype
+from cola_theory.lm.run_config import CHAIN_OVERRIDES, LMRunConfig, fold_mode, resolve_dtype
 from paper_repro.lm.profiles import LATE_FIELDS, jobs_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ reset_optimizer  the knot's policy on exactly the link factors
 state make a resumed run (see `state_dict` and `cola_theory.lm.checkpoint`) identical to an uninterrupted one.
 `extra_state` carries the state of helpers (e.g. `cola_theory.lm.best_dev.BestDev`) in the same checkpoints.
 
-ddp=True (torch.distributed initialised, e.g. by `cola_theory.lm.distributed.init_from_env`): forward/backward run
+ddp=True (torch.distributed initialised, e.g. by `cola_theory.lm.collectives.init_from_env`): forward/backward run
 through a DistributedDataParallel wrapper, knots on the unwrapped model; every knot is checked to be bitwise
-identical on all ranks; `batch_fn(t)` returns this rank's shard of the global batch (details: `distributed`).
+identical on all ranks; `batch_fn(t)` returns this rank's shard of the global batch (details: `collectives`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from peft import PeftModel
 from torch import nn
 
 from cola_theory.config import ChainConfig, Link
+from cola_theory.lm import collectives
 from cola_theory.lm.lora_ops import (
     ADAPTER,
     DEFAULT_TARGETS,
@@ -43,7 +44,7 @@ from cola_theory.lm.lora_ops import (
     reinit_,
     trainable_link_parameters,
 )
-from cola_theory.lm.train import COMPILE_MODES
+from cola_theory.lm.run_config import COMPILE_MODES
 from cola_theory.matrix_backend import link_generator
 from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
 
@@ -120,7 +121,7 @@ class PeftChainBackend:
                              f"{COMPILE_MODES}")
         if ddp and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("ddp=True needs an initialised torch.distributed process group: launch with torchrun "
-                             "(or accelerate launch) and call cola_theory.lm.distributed.init_from_env() first")
+                             "(or accelerate launch) and call cola_theory.lm.collectives.init_from_env() first")
         self.device = torch.device(device) if device is not None else None
         self.model: nn.Module = model if self.device is None else model.to(self.device)
         self.cfg, self.batch_fn, self.loss_fn, self.eval_fn = cfg, batch_fn, loss_fn, eval_fn
@@ -169,9 +170,7 @@ class PeftChainBackend:
 
     def _sync(self) -> None:
         """DDP: check that W, A, B are bitwise identical on all ranks, then (re)build the DDP wrapper if needed."""
-        from cola_theory.lm.distributed import replica_mismatches
-
-        bad = replica_mismatches(self.model)
+        bad = collectives.replica_mismatches(self.model)
         if bad:
             raise RuntimeError(f"link {self.link}: tensors differ between ranks after a knot: {bad[:4]} "
                                f"({len(bad)} in all); every rank must load the same base model and config")
@@ -221,9 +220,7 @@ class PeftChainBackend:
         self.optimizer.step()
         self.t += 1
         if self.mean_loss:  # the same value on every rank, so all ranks stop together on a non-finite loss
-            from cola_theory.lm.distributed import all_reduce_mean
-
-            loss = all_reduce_mean(loss.detach())
+            loss = collectives.all_reduce_mean(loss.detach())
         # on a GPU the loss stays on the device: run_chain reads it every log_every steps (no sync per step)
         return loss.detach() if loss.is_cuda else float(loss.detach())
 
@@ -293,9 +290,7 @@ class PeftChainBackend:
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda/{i}"] = s
         if self.ddp:
-            from cola_theory.lm.distributed import gather_rng_states
-
-            tensors.update(gather_rng_states())  # every rank's dropout stream (collective)
+            tensors.update(collectives.gather_rng_states())  # every rank's dropout stream (collective)
         for name, layer in lora_layers(self.model):
             tensors[f"base/{name}"] = layer.get_base_layer().weight.detach()
             tensors[f"lora/{name}/A"] = layer.lora_A[ADAPTER].weight.detach()
@@ -372,7 +367,5 @@ class PeftChainBackend:
             obj.load_state_dict({"meta": extras[key],
                                  "tensors": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}})
         if self.ddp:
-            from cola_theory.lm.distributed import set_rng_states
-
-            set_rng_states(tensors)
+            collectives.set_rng_states(tensors)
             self._sync()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from cola_theory.config import Link
+from cola_theory.lm import scoring
 from cola_theory.lm.lora_ops import ADAPTER, lora_layers, rebuild_rank_
 
 Tensor = torch.Tensor
@@ -38,8 +39,6 @@ def dev_loss(model: nn.Module, tokenizer: Any, examples: list, batch_size: int, 
              pad_to_multiple_of: int | None = None) -> float:
     """Mean candidate cross-entropy over `examples` (eval mode, no gradient), MeZO's train_as_classification
     loss: the eval loss the HF Trainer ranks checkpoints by."""
-    from cola_theory.lm import scoring
-
     scores = scoring.score_examples(model, tokenizer, examples, batch_size, max_length, pad_to_multiple_of)
     labels = torch.tensor([ex.label for ex in examples])
     return float(scoring.classification_loss(scores, labels))

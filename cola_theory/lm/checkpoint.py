@@ -11,6 +11,7 @@ It is written into a temporary directory and renamed into place, so a killed run
 checkpoint or the new one. A checkpoint whose files are missing or fail their sha256 raises
 `CorruptResultError` naming the file; `restore` reports it, falls back to an older checkpoint (kept when
 keep > 1) or starts fresh. Nothing is ever unpickled beyond torch's weights-only loader.
+`RankZeroCheckpointer` does the same for a data-parallel run (rank 0 writes, every rank restores).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from cola_theory.lm import collectives
 from cola_theory.results import CorruptResultError
 
 FILES = ("tensors.safetensors", "optimizer.pt", "state.json")
@@ -151,22 +154,71 @@ class KnotCheckpointer:
         return {"t": body["t"], "history": body["history"], "meta": body["backend"], "tensors": tensors,
                 "optimizer": optimizer}
 
-    def restore(self, backend: Any) -> tuple[int, list[dict]] | None:
-        """Load the newest intact checkpoint into `backend`; (t, history), or None to start fresh."""
+    def _set_aside(self, path: Path, exc: CorruptResultError) -> None:
+        aside = path.with_name(f"corrupt-{path.name}")  # kept for inspection, never loaded or pruned
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        self.log(f"[cola] {exc}; moved to {aside}, trying an older checkpoint")
+
+    def newest_intact(self) -> tuple[Path | None, dict[str, Any] | None, int]:
+        """(path, `load(path)`) of the newest checkpoint that loads, corrupt newer ones moved aside as
+        `corrupt-step-<t>`; (None, None) if there is none; and how many were moved aside."""
         skipped = 0
         for path in self.checkpoints():
             try:
-                ckpt = self.load(path)
+                return path, self.load(path), skipped
             except CorruptResultError as exc:
-                aside = path.with_name(f"corrupt-{path.name}")  # kept for inspection, never loaded or pruned
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(path, aside)
-                self.log(f"[cola] {exc}; moved to {aside}, trying an older checkpoint")
+                self._set_aside(path, exc)
                 skipped += 1
-                continue
-            backend.load_state_dict({"meta": ckpt["meta"], "tensors": ckpt["tensors"], "optimizer": ckpt["optimizer"]})
-            self.log(f"[cola] resumed from {path} after {ckpt['t']} steps")
-            return ckpt["t"], ckpt["history"]
-        if skipped:
-            self.log(f"[cola] no intact checkpoint in {self.directory}; starting fresh")
-        return None
+        return None, None, skipped
+
+    @staticmethod
+    def _load_into(backend: Any, ckpt: dict[str, Any]) -> tuple[int, list[dict]]:
+        backend.load_state_dict({"meta": ckpt["meta"], "tensors": ckpt["tensors"], "optimizer": ckpt["optimizer"]})
+        return ckpt["t"], ckpt["history"]
+
+    def restore(self, backend: Any) -> tuple[int, list[dict]] | None:
+        """Load the newest intact checkpoint into `backend`; (t, history), or None to start fresh."""
+        path, ckpt, skipped = self.newest_intact()
+        if ckpt is None:
+            if skipped:
+                self.log(f"[cola] no intact checkpoint in {self.directory}; starting fresh")
+            return None
+        done = self._load_into(backend, ckpt)
+        self.log(f"[cola] resumed from {path} after {ckpt['t']} steps")
+        return done
+
+
+class RankZeroCheckpointer(KnotCheckpointer):
+    """`KnotCheckpointer` for a data-parallel run: every rank takes part in `state_dict()` (it gathers the RNG
+    states), rank 0 alone writes, all wait; on restore rank 0 picks the newest intact checkpoint (moving corrupt
+    ones aside) and every rank loads that one. The directory must be visible to all ranks (one machine or a
+    shared file system)."""
+
+    def save(self, backend: Any, t: int, history: list[dict], at_knot: bool) -> Path | None:
+        if not (at_knot or (self.every_steps and t % self.every_steps == 0)):
+            return None
+        if collectives.info().is_main:
+            path = super().save(backend, t, history, at_knot)
+        else:
+            path = None
+            backend.state_dict()  # its collectives (RNG states) need every rank
+        if collectives.active():
+            dist.barrier()
+        return path
+
+    def restore(self, backend: Any) -> tuple[int, list[dict]] | None:
+        if not collectives.active() or dist.get_world_size() == 1:
+            return super().restore(backend)
+        chosen = torch.tensor([-1], dtype=torch.int64, device=collectives.comm_device())
+        if collectives.info().is_main:
+            path, _, _ = self.newest_intact()
+            if path is not None:
+                chosen[0] = int(path.name[len(PREFIX):])
+        dist.broadcast(chosen, src=0)
+        if int(chosen[0]) < 0:
+            return None
+        ckpt = self.load(self.directory / f"{PREFIX}{int(chosen[0]):09d}")
+        done = self._load_into(backend, ckpt)
+        self.log(f"[cola] rank {collectives.info().rank} resumed after {ckpt['t']} steps")
+        return done

@@ -19,9 +19,14 @@ import torch
 
 from cola_theory.chain import run_chain
 from cola_theory.lm import scoring
+from cola_theory.lm.checkpoint import KnotCheckpointer
+from cola_theory.lm.data import sample_protocol
+from cola_theory.lm.models import load_model
 from cola_theory.lm.packed import PackedChainBackend, merge_batches
+from cola_theory.lm.packed_best_dev import PackedBestDev
+from cola_theory.lm.run_config import LMRunConfig, resolve_dtype
 from cola_theory.lm.tasks import Example
-from cola_theory.lm.train import LMRunConfig, _dtype, _inside, make_batches
+from cola_theory.lm.train import _inside, make_batches
 from cola_theory.results import environment_meta, save_result
 
 PACK_FREE = ("lr", "seed", "weight_decay", "lr_schedule", "optimizer_reset", "zero_shot")
@@ -115,10 +120,6 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
     model_bundle=(model, tokenizer, note) reuses a loaded base (given back untouched: W is never modified).
     checkpoint_dir: knot checkpoints of the whole pack (a killed pack resumes to the same results).
     """
-    from cola_theory.lm.checkpoint import KnotCheckpointer
-    from cola_theory.lm.data import sample_protocol
-    from cola_theory.lm.models import load_model
-
     cfgs = list(cfgs)
     check_lm_packable(cfgs)
     out_paths = list(out_paths) if out_paths is not None else [None] * len(cfgs)
@@ -143,7 +144,7 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
     if c0.best_dev and not samples[0]["dev"]:
         raise ValueError(f"LMRunConfig.best_dev=True selects the epoch on dev, but num_dev={c0.num_dev!r} gave no "
                          "dev examples; use num_dev >= 1 (None = MeZO's size) or best_dev=False")
-    model, tok, note = model_bundle or load_model(c0.model, device=device, dtype=_dtype(c0.dtype, device))
+    model, tok, note = model_bundle or load_model(c0.model, device=device, dtype=resolve_dtype(c0.dtype, device))
     encode = _Encoder(tok, c0.max_length)
     pad_id = tok.pad_token_id or 0
     train = [[encode(ex) for ex in s["train"]] for s in samples]
@@ -181,8 +182,6 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
         ckpt = KnotCheckpointer(checkpoint_dir, every_steps=c0.checkpoint_every) if checkpoint_dir else None
         best = None
         if c0.best_dev:  # MeZO's load_best_model_at_end, run by run (cola_theory.lm.packed_best_dev)
-            from cola_theory.lm.packed_best_dev import PackedBestDev
-
             best = PackedBestDev(backend, dev_losses, steps_per_epoch, chain_cfgs[0].total_steps)
             backend.extra_state["best_dev"] = best
         t_train = time.perf_counter()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
-from cola_theory.lm.train import LMRunConfig
+from cola_theory.lm.run_config import LMRunConfig
 
 PROFILES = ("smoke", "cpu", "gpu", "real", "real-cpu")
 LR_GRID = (1e-3, 8e-4, 5e-4, 1e-4, 5e-5)  # paper section 3.4, selected on dev

@@ -67,9 +67,9 @@ def tiny_tokenizer():
 def load_bundle(model_name: str, dtype_name: str, device: str) -> tuple[Any, Any, str]:
     """(model, tokenizer, note) for `run_lm(model_bundle=...)`; tiny models get the char-level tokenizer."""
     from cola_theory.lm.models import TINY, load_model
-    from cola_theory.lm.train import _dtype
+    from cola_theory.lm.run_config import resolve_dtype
 
-    model, tok, note = load_model(model_name, device=device, dtype=_dtype(dtype_name, device))
+    model, tok, note = load_model(model_name, device=device, dtype=resolve_dtype(dtype_name, device))
     if model_name in TINY and tok is None:
         tok, note = tiny_tokenizer(), f"{note}; character-level tokenizer (paper_repro.lm.runner.tiny_tokenizer)"
     model.eval()
