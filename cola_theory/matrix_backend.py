@@ -10,39 +10,15 @@ the knot-time policies are the same code as for transformers (`cola_theory.optim
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cola_theory.config import ChainConfig, Link
 from cola_theory.frank_wolfe import fw_gap
+from cola_theory.links import draw_generator, new_link, reset_generator
 from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
 from cola_theory.problem_base import Problem
 
 Tensor = torch.Tensor
-
-
-def draw_factor(shape: tuple[int, int], init: str, rank: int, generator: torch.Generator,
-                std: float | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A random LoRA factor on CPU: PEFT's kaiming_uniform(a=sqrt(5)) (bound 1/sqrt(fan_in)) or N(0, std^2),
-    std = 1/r by default (PEFT "gaussian"). Shared by the matrix and the transformer backends."""
-    if init == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=dtype) * (std if std is not None else 1.0 / rank)
-    if init != "kaiming":
-        raise ValueError(f"init={init!r} is invalid: use 'kaiming' or 'gaussian'")
-    bound = 1.0 / math.sqrt(shape[1])  # gain sqrt(2/(1+5)) * sqrt(3/fan_in)
-    return (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * bound
-
-
-def init_factor(shape: tuple[int, int], cfg: ChainConfig, rank: int, g: torch.Generator,
-                dtype=torch.float64) -> Tensor:
-    """`draw_factor` with the init of `cfg` (float64 for the theory problems)."""
-    return draw_factor(shape, cfg.init, rank, g, cfg.init_std, dtype)
-
-
-def link_generator(seed: int, link: int) -> torch.Generator:
-    """The RNG of link k's random factor: seeded by (seed, k), identical on every process."""
-    return torch.Generator().manual_seed(1_000_003 * seed + 7919 * link + 17)
 
 
 class MatrixBackend:
@@ -86,7 +62,7 @@ class MatrixBackend:
     # -- the five verbs ----------------------------------------------------------------------------
     def extend(self, link: Link) -> None:
         m, n = self.problem.shape
-        r, g = link.rank, link_generator(self.cfg.seed, link.index if self.cfg.fresh_init else 0)
+        r, g = link.rank, draw_generator(self.cfg.seed, link.index, self.cfg.fresh_init)
         same_shape = self.A is not None and r == self.rank
         self.rank, self.link = r, link.index
         with torch.no_grad():
@@ -99,12 +75,10 @@ class MatrixBackend:
                     self.A = torch.nn.Parameter(torch.empty(r, n, dtype=self.problem.W0.dtype))
                     self.B = torch.nn.Parameter(torch.empty(m, r, dtype=self.problem.W0.dtype))
                     self.optimizer = None
-                if self.cfg.frozen_factor == "B":  # RAC-LoRA right variant: B random frozen, A = 0
-                    self.B.copy_(init_factor((m, r), self.cfg, r, g))
-                    self.A.zero_()
-                else:  # COLA / LoRA / RAC-LoRA left: A random, B = 0
-                    self.A.copy_(init_factor((r, n), self.cfg, r, g))
-                    self.B.zero_()
+                A, B = new_link((r, n), (m, r), r, g, self.cfg.init, self.cfg.init_std, self.cfg.frozen_factor,
+                                dtype=torch.float64)  # the theory's float64 draw
+                self.A.copy_(A)
+                self.B.copy_(B)
         if self.optimizer is None:
             self.optimizer = make_optimizer(self.trainable(), self.cfg)
 
@@ -129,7 +103,7 @@ class MatrixBackend:
                 self.B.zero_()  # the tied link no longer contributes (extend() redraws A)
 
     def reset_optimizer(self, policy: str) -> dict[str, float]:
-        g = link_generator(self.cfg.seed + 1, self.link)
+        g = reset_generator(self.cfg.seed, self.link)
         return reset_optimizer_state(self.optimizer, self.trainable(), policy, g)
 
     def evaluate(self) -> dict[str, float]:

@@ -195,10 +195,10 @@ def fsdp1(out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    from cola_theory.links import link_generator
     from cola_theory.lm.collectives import init_from_env
     from cola_theory.lm.fsdp import fold_fsdp1_, reinit_fsdp1_
     from cola_theory.lm.lora_ops import add_chain_lora
-    from cola_theory.matrix_backend import link_generator
 
     me = init_from_env()
     model = add_chain_lora(tiny_model("opt"), 4, 8.0, TARGETS)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cola_theory import ChainConfig, MatrixBackend, link_plan, lr_at, make_problem, run_chain
-from cola_theory.matrix_backend import init_factor, link_generator
+from cola_theory.links import init_factor, link_generator
 
 
 @pytest.fixture(scope="module")

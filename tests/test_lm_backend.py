@@ -8,9 +8,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from cola_theory.chain import run_chain
 from cola_theory.config import ChainConfig, Link, link_plan
+from cola_theory.links import link_generator
 from cola_theory.lm.backend import PeftChainBackend
 from cola_theory.lm.lora_ops import ADAPTER, link_parameters, lora_layers, reinit_
-from cola_theory.matrix_backend import link_generator
 
 KINDS = ["opt", "llama"]
 TARGETS = ["q_proj", "v_proj"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 from lm_fixtures import batch_fn, lm_loss, logits, tiny_model
 
+from cola_theory.links import draw_factor, link_generator
 from cola_theory.lm.lora_ops import (
     ADAPTER,
     add_chain_lora,
-    draw_factor,
     fold_,
     link_parameters,
     lora_layers,
@@ -19,7 +19,6 @@ from cola_theory.lm.lora_ops import (
     rebuild_rank_,
     reinit_,
 )
-from cola_theory.matrix_backend import link_generator
 from cola_theory.optim import reset_optimizer_state
 
 KINDS = ["opt", "llama"]

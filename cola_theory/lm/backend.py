@@ -29,6 +29,7 @@ from peft import PeftModel
 from torch import nn
 
 from cola_theory.config import ChainConfig, Link
+from cola_theory.links import draw_generator, reset_generator, set_trainable_
 from cola_theory.lm import collectives
 from cola_theory.lm.lora_ops import (
     ADAPTER,
@@ -37,6 +38,7 @@ from cola_theory.lm.lora_ops import (
     add_chain_lora,
     base_weights,
     fold_,
+    link_delta,
     link_parameters,
     lora_layers,
     make_master,
@@ -45,7 +47,6 @@ from cola_theory.lm.lora_ops import (
     trainable_link_parameters,
 )
 from cola_theory.lm.run_config import COMPILE_MODES
-from cola_theory.matrix_backend import link_generator
 from cola_theory.optim import make_optimizer, reset_optimizer_state, set_lr
 
 Tensor = torch.Tensor
@@ -193,8 +194,7 @@ class PeftChainBackend:
         elif link.rank != self.rank:  # rank step-down: new tensors, hence a new optimizer (a full reset)
             rebuild_rank_(self.model, link.rank, self.master)
             self.rank, self.optimizer, self.wrapped = link.rank, None, None
-        g = link_generator(self.cfg.seed, link.index if self.cfg.fresh_init else 0)
-        reinit_(self.model, g, self.cfg.init, self.cfg.frozen_factor, self.cfg.init_std)
+        self._draw(draw_generator(self.cfg.seed, link.index, self.cfg.fresh_init))
         if self.ddp:
             self._sync()
         if self.optimizer is None:
@@ -228,16 +228,23 @@ class PeftChainBackend:
         """W <- W + (alpha/r) B A for the active link, and record (B, A, scale) for export."""
         if not self.active:
             return  # already tied (e.g. the final knot after a run restored at its end)
-        factors = fold_(self.model, self.master)
-        self.links.append({"index": self.link, "rank": self.rank, "factors": factors})
+        self.links.append({"index": self.link, "rank": self.rank, "factors": self._fold()})
         self.active = False
         if self.ddp:
             self._sync()
 
+    def _draw(self, generator: torch.Generator) -> None:
+        """Write the new link's values into the adapter (`cola_theory.links.new_link` rule, in place)."""
+        reinit_(self.model, generator, self.cfg.init, self.cfg.frozen_factor, self.cfg.init_std)
+
+    def _fold(self) -> LinkFactors:
+        """W <- W + (alpha/r) B A, B <- 0, in place; returns the tied link's factors."""
+        return fold_(self.model, self.master)
+
     def reset_optimizer(self, policy: str) -> dict[str, float]:
         if self.optimizer is None:
             return {"reset_fraction": 0.0, "reset_params": 0.0}
-        g = link_generator(self.cfg.seed + 1, self.link)  # random:p pruning, same on every process
+        g = reset_generator(self.cfg.seed, self.link)  # random:p pruning, same on every process
         return reset_optimizer_state(self.optimizer, link_parameters(self.model), policy, g)
 
     def evaluate(self) -> dict[str, float]:
@@ -272,8 +279,9 @@ class PeftChainBackend:
         out = {}
         for name, layer in lora_layers(self.model):
             W = layer.get_base_layer().weight.detach().float().cpu()
-            A, B = layer.lora_A[ADAPTER].weight.detach().float().cpu(), layer.lora_B[ADAPTER].weight.detach()
-            out[name] = W - self.original[name].float() + layer.scaling[ADAPTER] * B.float().cpu() @ A
+            A, B = layer.lora_A[ADAPTER].weight.detach().cpu(), layer.lora_B[ADAPTER].weight.detach().cpu()
+            active = link_delta(B, A, layer.scaling[ADAPTER], layer.fan_in_fan_out)
+            out[name] = W - self.original[name].float() + active
         return out
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -347,8 +355,7 @@ class PeftChainBackend:
             layer.lora_B[ADAPTER].weight.copy_(tensors[f"lora/{name}/B"])
             if self.master is not None:
                 self.master[name].copy_(tensors[f"master/{name}"])
-            layer.lora_A[ADAPTER].weight.requires_grad_(self.cfg.frozen_factor != "A")
-            layer.lora_B[ADAPTER].weight.requires_grad_(self.cfg.frozen_factor != "B")
+            set_trainable_(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, self.cfg.frozen_factor)
         self.links = []
         for k, lm in enumerate(meta["links"]):
             factors: LinkFactors = {n: (tensors[f"links/{k}/{n}/B"].float(), tensors[f"links/{k}/{n}/A"].float(), s)

@@ -12,8 +12,8 @@ paper's one global linear schedule over all T steps (ChainConfig.lr_schedule="li
 (ReLoRA's jagged schedule) are not produced by this callback. Rank changes between links need new
 tensors and a new optimizer, which a running Trainer cannot take: use `run_chain` + `PeftChainBackend`.
 
-Not handled: DeepSpeed ZeRO / FSDP sharded weights (the fold needs a gather, anchors.md 6), and the
-Trainer's own checkpoints save only the adapter, not the folded base weights (use `KnotCheckpointer`
+Not handled: DeepSpeed ZeRO / FSDP sharded weights (the fold needs the gathered W, see `cola_theory.lm.fsdp`),
+and the Trainer's own checkpoints save only the adapter, not the folded base weights (use `KnotCheckpointer`
 with `run_chain` for resumable chains).
 """
 
@@ -26,8 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 from cola_theory.config import ChainConfig, link_plan, parse_reset
-from cola_theory.lm.lora_ops import FROZEN, INITS, fold_, link_parameters, make_master, reinit_
-from cola_theory.matrix_backend import link_generator
+from cola_theory.links import check_link_init, draw_generator, reset_generator
+from cola_theory.lm.lora_ops import fold_, link_parameters, make_master, reinit_
 from cola_theory.optim import reset_optimizer_state
 
 
@@ -81,10 +81,7 @@ class ColaCallback(TrainerCallback):
         knots = [int(k) for k in knots]
         if knots != sorted(set(knots)) or (knots and knots[0] <= 0):
             raise ValueError(f"knots={knots!r} is invalid: need strictly increasing optimizer steps > 0")
-        if init not in INITS:
-            raise ValueError(f"init={init!r} is invalid: use one of {INITS}")
-        if frozen_factor not in FROZEN:
-            raise ValueError(f"frozen_factor={frozen_factor!r} is invalid: use one of {FROZEN}")
+        check_link_init(init, frozen_factor)
         parse_reset(optimizer_reset)  # raises a ValueError naming the policy
         self.knots, self.seed = knots, 0 if seed is None else int(seed)
         self.init, self.init_std, self.fresh_init = init, init_std, fresh_init
@@ -95,7 +92,7 @@ class ColaCallback(TrainerCallback):
         self.events: list[dict[str, Any]] = []  # one entry per knot: step, link, reset stats
 
     def _draw(self, model: torch.nn.Module, k: int) -> None:
-        g = link_generator(self.seed, k if self.fresh_init else 0)
+        g = draw_generator(self.seed, k, self.fresh_init)
         reinit_(model, g, self.init, self.frozen_factor, self.init_std)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -118,7 +115,7 @@ class ColaCallback(TrainerCallback):
         self._draw(model, k)  # extend the chain: fresh A, B = 0
         stats = {"reset_fraction": 0.0, "reset_params": 0.0}
         if optimizer is not None:
-            g = link_generator(self.seed + 1, k)
+            g = reset_generator(self.seed, k)
             stats = reset_optimizer_state(unwrap_optimizer(optimizer), link_parameters(model),
                                           self.optimizer_reset, g)
         event = {"step": step, "link": k, **stats}

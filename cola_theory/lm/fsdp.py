@@ -16,15 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 
-from cola_theory.config import Link
+from cola_theory.links import new_link, set_trainable_
 from cola_theory.lm.backend import PeftChainBackend
 from cola_theory.lm.collectives import full_tensor
-from cola_theory.lm.lora_ops import ADAPTER, LinkFactors, draw_factor, fold_, lora_layers, reinit_
-from cola_theory.matrix_backend import link_generator
-from cola_theory.optim import make_optimizer
+from cola_theory.lm.lora_ops import ADAPTER, LinkFactors, fold_, link_delta, lora_layers, reinit_
 
 Tensor = torch.Tensor
 __all__ = ["Fsdp2ChainBackend", "fold_fsdp1_", "fold_sharded_", "fsdp2_shard", "reinit_fsdp1_", "reinit_sharded_"]
@@ -79,8 +76,7 @@ def fold_sharded_(model: nn.Module) -> LinkFactors:
     tied: LinkFactors = {}
     for name, layer in lora_layers(model):
         A, B = full_tensor(layer.lora_A[ADAPTER].weight).float(), full_tensor(layer.lora_B[ADAPTER].weight).float()
-        delta = layer.scaling[ADAPTER] * (B @ A)
-        delta = delta.T if layer.fan_in_fan_out else delta
+        delta = link_delta(B, A, layer.scaling[ADAPTER], layer.fan_in_fan_out)
         W = layer.get_base_layer().weight
         local = W.to_local() if hasattr(W, "to_local") else W
         local.copy_(local.float() + _local_block(delta, W).float())
@@ -95,15 +91,11 @@ def reinit_sharded_(model: nn.Module, generator: torch.Generator, init: str = "k
                     frozen_factor: str = "none", init_std: float | None = None) -> None:
     """`reinit_` for FSDP2: the same full draw on every rank (same generator), each rank keeps its block."""
     for _, layer in lora_layers(model):
-        A, B, r = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.r[ADAPTER]
-        if frozen_factor == "B":
-            _set_(B, draw_factor(tuple(B.shape), init, r, generator, init_std))
-            _set_(A, torch.zeros(tuple(A.shape)))
-        else:
-            _set_(A, draw_factor(tuple(A.shape), init, r, generator, init_std))
-            _set_(B, torch.zeros(tuple(B.shape)))
-        A.requires_grad_(frozen_factor != "A")
-        B.requires_grad_(frozen_factor != "B")
+        A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        a, b = new_link(tuple(A.shape), tuple(B.shape), layer.r[ADAPTER], generator, init, init_std, frozen_factor)
+        _set_(A, a)
+        _set_(B, b)
+        set_trainable_(A, B, frozen_factor)
 
 
 class Fsdp2ChainBackend(PeftChainBackend):
@@ -119,25 +111,19 @@ class Fsdp2ChainBackend(PeftChainBackend):
             raise ValueError("Fsdp2ChainBackend supports fp32_master=False, optimizer_reset 'full' or 'none' and "
                              f"one rank for all links (got fp32_master={self.fp32_master}, optimizer_reset="
                              f"{cfg.optimizer_reset!r}, rank={cfg.rank!r}); use ddp=True for those")
-        self.shard_fn, self.mean_loss = shard_fn, True
+        # FSDP keeps the replicas in step itself: no DDP wrapper, no replica check; the loss is the mean over ranks
+        self.shard_fn, self.mean_loss, self.ddp = shard_fn, True, False
 
     def _attach(self, rank: int) -> None:
         super()._attach(rank)  # W_0 is copied before sharding
         self.model = self.shard_fn(self.model)
 
-    def extend(self, link: Link) -> None:
-        if not isinstance(self.model, PeftModel):
-            self._attach(link.rank)
-        g = link_generator(self.cfg.seed, link.index if self.cfg.fresh_init else 0)
-        reinit_sharded_(self.model, g, self.cfg.init, self.cfg.frozen_factor, self.cfg.init_std)
-        if self.optimizer is None:
-            self.optimizer = make_optimizer([p for p in self.link_parameters() if p.requires_grad], self.cfg)
-        self.link, self.active = link.index, True
+    # the five verbs are PeftChainBackend's; only the in-place writes differ (shard-local)
+    def _draw(self, generator: torch.Generator) -> None:
+        reinit_sharded_(self.model, generator, self.cfg.init, self.cfg.frozen_factor, self.cfg.init_std)
 
-    def tie_knot(self) -> None:
-        if self.active:
-            self.links.append({"index": self.link, "rank": self.rank, "factors": fold_sharded_(self.model)})
-            self.active = False
+    def _fold(self) -> LinkFactors:
+        return fold_sharded_(self.model)
 
     def full_weights(self) -> dict[str, Tensor]:
         """The adapted base weights W, gathered in full on every rank (collective)."""

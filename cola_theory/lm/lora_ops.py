@@ -6,10 +6,11 @@ Each adapted layer computes  h = W x + (alpha/r) B A x,  W: (m, n) frozen, B: (m
     reinit_  extend the chain: A ~ kaiming/gaussian from a seeded generator, B = 0   (function-preserving)
     rebuild_rank_  a link of a different rank (rank step-down): new A/B tensors (the optimizer must be rebuilt)
 
-fold_ and reinit_ keep the Parameter objects, so an optimizer, DDP and the HF Trainer stay valid
-(anchors.md 1.4 option A). PEFT's `merge_adapter` + `delete_adapter` is not used: deleting a merged
-adapter raises on PEFT 0.21 (peft#3504). Only vanilla LoRA on dense weights is supported (no DoRA,
-no quantized bases); FSDP/ZeRO-3 need the fold inside a gather (anchors.md 6), which is not done here.
+fold_ and reinit_ write values into the existing Parameter objects instead of replacing them, so an optimizer,
+DDP and the HF Trainer that hold those objects stay valid. PEFT's `merge_adapter` + `delete_adapter` is not
+used: deleting a merged adapter raises on PEFT 0.21 (peft#3504). Only vanilla LoRA on dense weights is supported
+(no DoRA, no quantized bases). Sharded weights (FSDP, ZeRO-3) need the fold where the shards are gathered or
+kept: `cola_theory.lm.fsdp` and the notes in `cola_theory.lm.distributed`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from cola_theory.matrix_backend import draw_factor
+from cola_theory.links import new_link, set_trainable_
 
 Tensor = torch.Tensor
 ADAPTER = "default"  # the chain lives in one persistent PEFT adapter
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # the paper / MeZO LoRA setting (r=8, alpha=16)
-INITS = ("kaiming", "gaussian")
-FROZEN = ("none", "A", "B")
 
 # a tied link as recorded for export: layer name -> (B (m, r), A (r, n), scale alpha/r), CPU float32
 LinkFactors = dict[str, tuple[Tensor, Tensor, float]]
@@ -98,10 +97,6 @@ def trainable_link_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in link_parameters(model) if p.requires_grad]
 
 
-def link_rank(model: nn.Module) -> int:
-    return lora_layers(model)[0][1].r[ADAPTER]
-
-
 def make_master(model: nn.Module) -> dict[str, Tensor]:
     """float32 copies of the adapted base weights W (the fold's accumulator for bf16/fp16 bases)."""
     return {name: layer.get_base_layer().weight.detach().float().clone() for name, layer in lora_layers(model)}
@@ -112,10 +107,16 @@ def base_weights(model: nn.Module) -> dict[str, Tensor]:
     return {name: layer.get_base_layer().weight for name, layer in lora_layers(model)}
 
 
+def link_delta(B: Tensor, A: Tensor, scale: float, fan_in_fan_out: bool = False) -> Tensor:
+    """A knot's update (alpha/r) B A, B: (m, r), A: (r, n), in float32 whatever their dtype, laid out as W is:
+    (m, n), or (n, m) for a fan-in-fan-out layer (GPT-2's Conv1D stores W transposed)."""
+    delta = scale * (B.float() @ A.float())
+    return delta.T if fan_in_fan_out else delta
+
+
 def _delta(layer: LoraLayer) -> Tensor:
     A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # (r, n), (m, r)
-    delta = layer.scaling[ADAPTER] * (B.float() @ A.float())  # (m, n), float32 whatever W's dtype
-    return delta.T if layer.fan_in_fan_out else delta  # GPT-2 Conv1D stores W as (n, m)
+    return link_delta(B, A, layer.scaling[ADAPTER], layer.fan_in_fan_out)
 
 
 @torch.no_grad()
@@ -156,22 +157,16 @@ def reinit_(
     """Extend the chain in place: a fresh link with A random (drawn from `generator`) and B = 0.
 
     frozen_factor "A" (RAC-LoRA): the same draw, A frozen, only B trained; "B": B random and frozen,
-    A = 0 and trained. The Parameter objects are kept; only values and requires_grad change. Draws are
-    made on CPU in float32 in module order, so every process with the same generator gets the same link.
+    A = 0 and trained (`cola_theory.links.new_link`). The Parameter objects are kept; only values and
+    requires_grad change. Draws are made on CPU in float32 in module order, so every process with the same
+    generator gets the same link.
     """
-    if frozen_factor not in FROZEN:
-        raise ValueError(f"frozen_factor={frozen_factor!r} is invalid: use one of {FROZEN}")
     for _, layer in lora_layers(model):
         A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight  # (r, n), (m, r)
-        r = layer.r[ADAPTER]
-        if frozen_factor == "B":  # RAC-LoRA right variant: B random frozen, A = 0 trained
-            B.copy_(draw_factor(tuple(B.shape), init, r, generator, init_std))
-            A.zero_()
-        else:
-            A.copy_(draw_factor(tuple(A.shape), init, r, generator, init_std))
-            B.zero_()
-        A.requires_grad_(frozen_factor != "A")
-        B.requires_grad_(frozen_factor != "B")
+        a, b = new_link(tuple(A.shape), tuple(B.shape), layer.r[ADAPTER], generator, init, init_std, frozen_factor)
+        A.copy_(a)
+        B.copy_(b)
+        set_trainable_(A, B, frozen_factor)
 
 
 def _empty_linear(n_in: int, n_out: int, like: Tensor) -> nn.Linear:

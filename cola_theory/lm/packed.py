@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cola_theory.config import ChainConfig, Link, link_plan, lr_at
+from cola_theory.links import draw_generator, new_link, reset_generator, set_trainable_
 from cola_theory.lm.packed_layers import PackedLoRALinear, StackedAdam, attach, detach, lr_tensor
 from cola_theory.lm.scoring import CandidateBatch, candidate_logprobs
-from cola_theory.matrix_backend import draw_factor, link_generator
 
 Tensor = torch.Tensor
 STATE_FORMAT = 1
@@ -139,14 +139,14 @@ class PackedChainBackend:
             self.optimizer = None
         self.rank = link.rank
         for k, cfg in enumerate(self.cfgs):
-            g = link_generator(cfg.seed, link.index if cfg.fresh_init else 0)
+            g = draw_generator(cfg.seed, link.index, cfg.fresh_init)
             for _, layer in self.layers:  # module order, one generator per run: the sequential engine's draws
-                random, zero = (layer.B, layer.A) if c0.frozen_factor == "B" else (layer.A, layer.B)
-                random[k].copy_(draw_factor(tuple(random.shape[1:]), cfg.init, link.rank, g, cfg.init_std))
-                zero[k].zero_()
+                A, B = new_link(tuple(layer.A.shape[1:]), tuple(layer.B.shape[1:]), link.rank, g, cfg.init,
+                                cfg.init_std, c0.frozen_factor)
+                layer.A[k].copy_(A)
+                layer.B[k].copy_(B)
         for _, layer in self.layers:
-            layer.A.requires_grad_(c0.frozen_factor != "A")
-            layer.B.requires_grad_(c0.frozen_factor != "B")
+            set_trainable_(layer.A, layer.B, c0.frozen_factor)
         if self.optimizer is None:
             self.optimizer = StackedAdam(self.trainable(), self.K, c0.optimizer, c0.betas,
                                          [c.weight_decay for c in self.cfgs])
@@ -196,7 +196,7 @@ class PackedChainBackend:
 
     def reset_optimizer(self, policy: str) -> dict[str, float]:
         """Each run's own `optimizer_reset` (`policy`, the reference run's, is recorded by run_chain for run 0)."""
-        done = [self.optimizer.reset(k, c.optimizer_reset, link_generator(c.seed + 1, self.link))
+        done = [self.optimizer.reset(k, c.optimizer_reset, reset_generator(c.seed, self.link))
                 for k, c in enumerate(self.cfgs)]
         for k, d in enumerate(done):
             self.resets[k].append(d)
