@@ -251,8 +251,11 @@ def test_tied_links_export_as_one_adapter_equal_to_the_runs_delta():
         for name, (B, A) in concat_links(links).items():  # one adapter of rank 6 == W - W_0 of run k
             torch.testing.assert_close(B @ A, backend.delta(k)[name], rtol=1e-5, atol=1e-7)
     assert not torch.allclose(backend.delta(0)[backend.layers[0][0]], backend.delta(1)[backend.layers[0][0]])
+    base = [p for n, p in model.named_parameters() if not n.endswith((".A", ".B"))]
+    assert base and all(p.grad is None for p in base)  # the frozen base gets no gradient, only the link factors
     backend.release()
     assert all(type(m).__name__ != "PackedLoRALinear" for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # given back as it came (a fresh model: trainable)
 
 
 @needs_data

@@ -116,6 +116,7 @@ class PackedChainBackend:
         self.target_modules = target_modules
         self.layers: list[tuple[str, PackedLoRALinear]] = []
         self.optimizer: StackedAdam | None = None
+        self._grad_flags: list[tuple[nn.Parameter, bool]] = []  # the base's requires_grad, given back by release()
         self.t, self.link, self.rank, self.active = 0, -1, 0, False
         self.alive = torch.ones(self.K, dtype=torch.bool, device=self.device)
         self.n_alive = self.K
@@ -131,7 +132,9 @@ class PackedChainBackend:
     def extend(self, link: Link) -> None:
         """Link k of every run: A (or B for frozen_factor="B") drawn from link_generator(seed_k, k), B = 0."""
         c0 = self.cfgs[0]
-        if not self.layers:
+        if not self.layers:  # the base is frozen (as PEFT freezes it): only the link factors get gradients
+            self._grad_flags = [(p, p.requires_grad) for p in self.model.parameters()]
+            self.model.requires_grad_(False)
             self.layers = attach(self.model, self.target_modules, self.K, link.rank, c0.alpha)
         elif link.rank != self.rank:  # rank step-down: new factors, hence a new optimizer (a full reset)
             for _, layer in self.layers:
@@ -248,7 +251,9 @@ class PackedChainBackend:
         """The base model with its original nn.Linear layers back (unchanged: packed knots never touch W)."""
         if self.layers:
             detach(self.model, self.layers)
-            self.layers, self.optimizer = [], None
+            for p, flag in self._grad_flags:  # requires_grad as it was before the pack
+                p.requires_grad_(flag)
+            self.layers, self.optimizer, self._grad_flags = [], None, []
         return self.model
 
     def _autocast(self) -> contextlib.AbstractContextManager:
