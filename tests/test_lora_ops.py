@@ -220,9 +220,6 @@ def test_bad_inputs_name_the_field():
     assert all(not layer.lora_B[ADAPTER].weight.any() for _, layer in lora_layers(m2))  # original untouched
 
 
-@pytest.mark.xfail(strict=True, reason="PEFT 0.21.2's PeftModel.__init__ reads transformers 5.x's deprecated "
-                   "`is_gradient_checkpointing`; needs a warnings filter around get_peft_model in "
-                   "lora_ops.add_chain_lora (strict: remove this mark once that is in)")
 def test_attaching_the_adapter_emits_no_future_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)

@@ -16,6 +16,7 @@ kept: `cola_theory.lm.fsdp` and the notes in `cola_theory.lm.distributed`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from cola_theory.config import check_ranks
 from cola_theory.links import new_link, set_trainable_
 
 Tensor = torch.Tensor
@@ -47,8 +49,7 @@ def add_chain_lora(
     """
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; pass the plain base model to add_chain_lora")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} is invalid: need an integer >= 1 (e.g. 8)")
+    check_ranks(rank)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha={alpha!r} is invalid: need a finite number > 0 (e.g. 16)")
     if not 0.0 <= dropout < 1.0:
@@ -58,13 +59,14 @@ def add_chain_lora(
         raise ValueError("target_modules=[] is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, bias="none")
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # PEFT 0.21.2 reads transformers 5.x's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise ValueError(f"target_modules={targets!r}: {exc}") from exc
     for name, layer in lora_layers(peft_model):
-        if rank > min(layer.in_features, layer.out_features):
-            raise ValueError(f"rank={rank} exceeds min(m, n) = {min(layer.in_features, layer.out_features)} "
-                             f"of the adapted layer {name}; use a smaller rank")
+        check_ranks(rank, min(layer.in_features, layer.out_features), of=f"the adapted layer {name}")
     return peft_model
 
 
@@ -184,12 +186,10 @@ def rebuild_rank_(model: PeftModel, rank: int, master: dict[str, Tensor] | None 
     re-wrapped). The new link is zero (A = B = 0) until `reinit_`. Returns the fold's record (B = 0 if the
     knot was already tied, as in the chain backend).
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} is invalid: need an integer >= 1")
+    check_ranks(rank)
     layers = lora_layers(model)
     for name, layer in layers:
-        if rank > min(layer.in_features, layer.out_features):
-            raise ValueError(f"rank={rank} exceeds min(m, n) of the adapted layer {name}")
+        check_ranks(rank, min(layer.in_features, layer.out_features), of=f"the adapted layer {name}")
         if layer.use_rslora.get(ADAPTER, False):
             raise ValueError(f"layer {name} uses rsLoRA scaling; the chain supports alpha/r scaling only")
     tied = fold_(model, master)
