@@ -52,6 +52,22 @@ def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"ChainConfig.{field_name}={value!r} is invalid: {allowed}")
 
 
+def check_ranks(rank: Any, max_rank: int | None = None, *, name: str = "rank",
+                of: str = "the adapted matrix") -> tuple[int, ...]:
+    """The ranks of `rank` (one integer, or one per link) after checking that each is an integer >= 1 and, given
+    `max_rank` = min(m, n) of the adapted matrix, at most that; a ValueError naming `name` and the value if not.
+    The one rank rule of the chain: ChainConfig, the matrix backend and the PEFT adapter all call it."""
+    try:
+        ranks = (rank,) if isinstance(rank, int) else tuple(rank)
+    except TypeError:
+        ranks = (rank,)
+    if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
+        raise ValueError(f"{name}={rank!r} is invalid: need positive integers (e.g. 8)")
+    if max_rank is not None and max(ranks) > max_rank:
+        raise ValueError(f"{name}={rank!r} exceeds min(m, n) = {max_rank} of {of}; use a smaller rank")
+    return ranks
+
+
 @dataclass(frozen=True)
 class ChainConfig:
     """One chain run. `knots` (explicit steps) wins over `n_links` (evenly spaced knots)."""
@@ -90,9 +106,7 @@ class ChainConfig:
             raise _bad("n_links", self.n_links, "need at least 1 link (1 = plain LoRA)")
         if self.n_links > self.total_steps:
             raise _bad("n_links", self.n_links, f"more links than steps (total_steps={self.total_steps})")
-        ranks = (self.rank,) if isinstance(self.rank, int) else tuple(self.rank)
-        if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
-            raise _bad("rank", self.rank, "need positive integers")
+        ranks = check_ranks(self.rank, name="ChainConfig.rank")
         if len(ranks) not in (1, self.n_links):
             raise _bad("rank", self.rank, f"give one rank or one per link ({self.n_links} links)")
         object.__setattr__(self, "rank", ranks[0] if len(ranks) == 1 else ranks)
@@ -126,8 +140,7 @@ class ChainConfig:
 
     def check_rank(self, max_rank: int) -> None:
         """Raise if a link's rank exceeds min(m, n) of the adapted layer."""
-        if max(self.ranks()) > max_rank:
-            raise _bad("rank", self.rank, f"a rank exceeds min(m, n) = {max_rank} of the adapted matrix")
+        check_ranks(self.rank, max_rank, name="ChainConfig.rank")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
