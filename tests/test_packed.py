@@ -389,3 +389,19 @@ def test_device_study_script_runs_a_window_and_packs_its_results(tmp_path):
         names = [n for n in tar.getnames() if n.endswith(".json")]
     assert len(names) == 2 and all(n.startswith("lm/tiny-opt/sst2/") for n in names)
     assert "nothing is missing" in (tmp_path / "out" / "missing.txt").read_text()
+
+
+@needs_data
+@pytest.mark.gpu
+def test_cuda_pack_reproduces_sequential_cuda_runs():
+    """The packed engine on a CUDA device (float32, IEEE matmuls) against run_lm on the same device."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tok, model = tiny_tokenizer(), tiny_model("llama").eval().to("cuda")
+    base = LMRunConfig(method="cola", n_links=3, best_dev=True, dtype="float32", **TINY)
+    cfgs = [dataclasses.replace(base, lr=lr, seed=s) for lr, s in ((1e-2, 0), (3e-3, 1), (1e-3, 0))]
+    packed = run_lm_packed(cfgs, data_dir=str(DATA_DIR), model_bundle=(model, tok, "tiny"), device="cuda")
+    for cfg, p in zip(cfgs, packed):
+        torch.manual_seed(cfg.seed)
+        seq = run_lm(cfg, data_dir=str(DATA_DIR), model_bundle=(model, tok, "tiny"), device="cuda")
+        _assert_same_run(seq, p)
+        assert p["metrics"]["best_epoch"] == seq["metrics"]["best_epoch"]
