@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 RESETS = ("full", "none", "magnitude:p", "random:p")
@@ -91,7 +91,6 @@ class ChainConfig:
     optimizer_reset: str = "full"
     frozen_factor: str = "none"  # RAC-LoRA: a random frozen A (train B) or frozen B (train A)
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # backend-specific notes
 
     def __post_init__(self) -> None:
         if not isinstance(self.total_steps, int) or self.total_steps < 1:

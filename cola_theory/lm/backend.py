@@ -68,9 +68,7 @@ def move_to(batch: Any, device: torch.device | None) -> Any:
 
 
 def _json_config(cfg: ChainConfig) -> dict[str, Any]:
-    d = cfg.to_dict()
-    d.pop("extra", None)
-    return json.loads(json.dumps(d))  # tuples -> lists, as stored in a checkpoint
+    return json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as stored in a checkpoint
 
 
 class PeftChainBackend:

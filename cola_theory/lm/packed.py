@@ -263,7 +263,7 @@ class PackedChainBackend:
 
     # -- checkpoints (the KnotCheckpointer protocol) -------------------------------------------------
     def _config_json(self) -> list[dict[str, Any]]:
-        return [json.loads(json.dumps({k: v for k, v in c.to_dict().items() if k != "extra"})) for c in self.cfgs]
+        return [json.loads(json.dumps(c.to_dict())) for c in self.cfgs]
 
     def state_dict(self) -> dict[str, Any]:
         if not self.layers:

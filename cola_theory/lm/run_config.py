@@ -26,8 +26,7 @@ CHAIN_OWNED = {"total_steps": "epochs", "knots": "link_epochs", "n_links": "n_li
                "alpha": "alpha", "lr": "lr", "lr_schedule": "lr_schedule", "optimizer_reset": "optimizer_reset",
                "weight_decay": "weight_decay", "seed": "seed"}
 # the other ChainConfig fields: settable per LM run through LMRunConfig.chain_overrides
-CHAIN_OVERRIDES = tuple(f.name for f in dataclasses.fields(ChainConfig) if f.name not in CHAIN_OWNED
-                        and f.name != "extra")
+CHAIN_OVERRIDES = tuple(f.name for f in dataclasses.fields(ChainConfig) if f.name not in CHAIN_OWNED)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
