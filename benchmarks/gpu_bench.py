@@ -36,6 +36,7 @@ from bench_timing import (  # sibling module: this file runs as a script
 
 from cola_theory.config import link_plan
 from cola_theory.results import atomic_write_text, environment_meta
+from paper_repro.lm.tables import flops_per_token
 
 HERE = Path(__file__).resolve().parent
 # Hub configs of the paper's models (config.json values), so no download is needed.
@@ -81,7 +82,7 @@ ARCHS = {
         vocab_size=512,
         max_position_embeddings=512,
     ),
-    # the "small" random models of notes/models.md section 3, for the CPU-side numbers
+    # small random models (6 layers, hidden 256) for the CPU-side numbers
     "small-opt": dict(kind="opt", hidden_size=256, num_hidden_layers=6, num_attention_heads=8, ffn_dim=1024,
                       vocab_size=8000, max_position_embeddings=512, word_embed_proj_dim=256),
     "small-llama": dict(kind="llama", hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
@@ -142,15 +143,15 @@ def matmul_peak(device: str) -> float:
     return 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
 
 
-def flops_per_token(model, seq_len: int, rank: int, n_adapted: int, d: int) -> float:
-    """Training FLOPs per token with a frozen base: matmuls 2N fwd + 2N bwd (activation grads only), attention
-    3 x fwd (causal: half of 4 L d per layer), adapters 3 x 2 r (d_in + d_out). lm_head excluded (only the
-    candidate positions reach it)."""
+def model_flops_per_token(model, seq_len: int, rank: int) -> float:
+    """`paper_repro.lm.tables.flops_per_token` of this model with q_proj / v_proj (d x d) adapted at `rank`, with
+    the attention scores (causal: half of 4 L d per layer). Embeddings and lm_head excluded (only the candidate
+    positions reach the head)."""
     cfg = model.config
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
     emb = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "lm_head" in n)
     N = sum(p.numel() for p in model.parameters()) - emb
-    attn = cfg.num_hidden_layers * 2 * seq_len * d  # causal half of 4 L d
-    return 4 * N + 3 * attn + 3 * n_adapted * 2 * rank * 2 * d
+    return flops_per_token(N, layers, ((d, d), (d, d)), (rank,), attention=layers * 2 * seq_len * d)
 
 
 def bench_model(name: str, size: str, device: str, peak: float, compile_variants: bool = True,
@@ -176,7 +177,7 @@ def bench_model(name: str, size: str, device: str, peak: float, compile_variants
         links = 3 if method == "cola" else 1
         torch._dynamo.reset()
         model = build(name, device, dtype)
-        fpt = flops_per_token(model, L, 8, 2 * model.config.num_hidden_layers, model.config.hidden_size)
+        fpt = model_flops_per_token(model, L, 8)
         cfg = chain_config(links, warm, steps)
         backend = PeftChainBackend(model, cfg, lambda t: batches[t % 4], loss_fn, device=device, keep_original=False,
                                    compile=mode, compile_backend=COMPILE_BACKEND[size])

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python paper_repro/run_all.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-PROFILES = ("smoke", "cpu", "gpu", "real", "real-cpu")
+from paper_repro.lm.profiles import PROFILES  # noqa: E402
+
 PARTS = ("theory", "lm", "figures")
 THEORY_SIZE = {"smoke": "smoke", "cpu": "full", "gpu": "full", "real": "full", "real-cpu": "full"}
 EXIT_BOUND, EXIT_ARGS, EXIT_FAILED = 1, 2, 3

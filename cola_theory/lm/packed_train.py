@@ -24,20 +24,20 @@ from cola_theory.lm.data import sample_protocol
 from cola_theory.lm.models import load_model
 from cola_theory.lm.packed import PackedChainBackend, merge_batches
 from cola_theory.lm.packed_best_dev import PackedBestDev
-from cola_theory.lm.run_config import LMRunConfig, resolve_dtype
+from cola_theory.lm.run_config import SPEED_ONLY, LMRunConfig, resolve_dtype
 from cola_theory.lm.tasks import Example
 from cola_theory.lm.train import _inside, make_batches
 from cola_theory.results import environment_meta, save_result
 
 PACK_FREE = ("lr", "seed", "weight_decay", "lr_schedule", "optimizer_reset", "zero_shot")
 PACK_FREE_CHAIN = ("warmup_steps", "restart_warmup_steps", "min_lr_ratio", "init", "init_std", "fresh_init")
-SPEED_ONLY = ("compile", "pad_to_multiple_of", "compile_backend")  # packed runs are eager, padded per step
 
 
 def pack_key(cfg: LMRunConfig) -> tuple:
     """Configs with equal keys can share a pack (a hashable view of every field a pack must share)."""
     d = cfg.to_dict()
-    shared = {k: v for k, v in d.items() if k not in PACK_FREE and k not in SPEED_ONLY and k != "chain_overrides"}
+    shared = {k: v for k, v in d.items() if k not in PACK_FREE and k not in SPEED_ONLY  # packed runs: eager,
+              and k != "chain_overrides"}  # padded per step
     chain = {k: v for k, v in dict(d.get("chain_overrides") or ()).items() if k not in PACK_FREE_CHAIN}
     return tuple(sorted((k, repr(v)) for k, v in {**shared, "chain_overrides": chain}.items()))
 

@@ -28,6 +28,8 @@ CHAIN_OWNED = {"total_steps": "epochs", "knots": "link_epochs", "n_links": "n_li
 # the other ChainConfig fields: settable per LM run through LMRunConfig.chain_overrides
 CHAIN_OVERRIDES = tuple(f.name for f in dataclasses.fields(ChainConfig) if f.name not in CHAIN_OWNED)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# LMRunConfig fields that change the speed only (same math): they make no other variant of a run
+SPEED_ONLY = ("compile", "pad_to_multiple_of", "compile_backend")
 
 
 def _override_type_error(name: str, value: Any) -> str | None:

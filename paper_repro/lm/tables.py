@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from cola_theory.lm.run_config import SPEED_ONLY
 from cola_theory.results import load_if_valid
 from paper_repro import reference as ref
 from paper_repro.lm.profiles import LATE_FIELDS
@@ -34,8 +35,7 @@ MODEL_LABELS = {"opt-1.3b": "OPT-1.3B", "llama-2-7b": "Llama-2-7B", "smollm2-135
                 "tiny-opt": "tiny-opt (random)", "tiny-llama": "tiny-llama (random)"}
 TASK_ORDER = ref.PAPER_TASKS + ("copa",)
 # speed-only fields (compile, padding) do not make another variant: old files lack them, new runs may differ
-_NOT_VARIANT = ("lr", "seed", "zero_shot", "eval_batch_size", "checkpoint_every", "chain", "eval_dev", "compile",
-                "pad_to_multiple_of", "compile_backend")
+_NOT_VARIANT = ("lr", "seed", "zero_shot", "eval_batch_size", "checkpoint_every", "chain", "eval_dev") + SPEED_ONLY
 _NOT_SETTING = _NOT_VARIANT + ("model", "task", "method", "n_links", "rank", "link_epochs")
 
 
@@ -207,14 +207,23 @@ def stepdown_table(sel: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def flops_per_token(model: str, link_ranks: tuple[int, ...], link_fracs: tuple[float, ...]) -> float:
-    """Training FLOPs per token: 4 N_frozen (fwd 2N + activation backprop 2N) + 3 x 2 r (d_in + d_out) per
-    adapted matrix (adapter fwd, x3 for fwd + bwd), averaged over links by their share of the steps."""
+def flops_per_token(n_frozen: float, layers: int, mats: Sequence[tuple[int, int]], link_ranks: Sequence[int],
+                    link_fracs: Sequence[float] = (1,), attention: float = 0) -> float:
+    """Training FLOPs per token with a frozen base (the one formula of the tables and benchmarks/gpu_bench.py):
+    4 N_frozen (matmuls: fwd 2N + activation backprop 2N), 3 x `attention` (the attention-score FLOPs of the
+    forward, x3 for fwd + bwd; 0 = left out), and 3 x 2 r (d_in + d_out) per adapted matrix (`mats`: the
+    (d_in, d_out) of one layer's adapted matrices, x `layers`; adapter fwd, x3 for fwd + bwd), averaged over the
+    links by their share of the steps."""
+    adapter = sum(f * 3 * 2 * r * sum(a + b for a, b in mats) * layers for r, f in zip(link_ranks, link_fracs))
+    return 4 * n_frozen + 3 * attention + adapter
+
+
+def model_flops_per_token(model: str, link_ranks: tuple[int, ...], link_fracs: tuple[float, ...]) -> float:
+    """`flops_per_token` of a model of MODEL_DIMS (attention left out: the analytic column of the compute table)."""
     if model not in MODEL_DIMS:
         return math.nan
     n, layers, mats = MODEL_DIMS[model]
-    adapter = sum(f * 3 * 2 * r * sum(a + b for a, b in mats) * layers for r, f in zip(link_ranks, link_fracs))
-    return 4 * n + adapter
+    return flops_per_token(n, layers, mats, link_ranks, link_fracs)
 
 
 def compute_table(sel: pd.DataFrame) -> pd.DataFrame:
@@ -233,7 +242,7 @@ def compute_table(sel: pd.DataFrame) -> pd.DataFrame:
                      "link epochs": link_epochs or "even",
                      "trainable params (measured)": grp["trainable_params"].max(),
                      "trainable params per link (analytic, max)": analytic,
-                     "GFLOPs/token (analytic)": flops_per_token(model, rk, fracs) / 1e9,
+                     "GFLOPs/token (analytic)": model_flops_per_token(model, rk, fracs) / 1e9,
                      "train time s (mean)": grp["train_time_s"].mean(),
                      "peak mem GB (mean)": grp["peak_mem_gb"].mean(), "runs": int(grp["n"].sum())})
     out = pd.DataFrame(rows)
