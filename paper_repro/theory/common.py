@@ -62,9 +62,14 @@ def valid_result(path: Path, config: dict, warn: Callable[[str], None] = lambda 
     return payload
 
 
+def result_file(out_dir: str | Path, stem: str) -> Path:
+    """Where an experiment's result JSON lives: out_dir/theory/<stem>.json (its CSV and summary beside it)."""
+    return theory_dir(out_dir) / f"{stem}.json"
+
+
 def up_to_date(experiment: Any, out_dir: Path, size: str) -> bool:
     """Whether `experiment.run(out_dir, size)` would reuse its saved result (what `run_all --dry-run` reports)."""
-    return valid_result(experiment.result_path(out_dir), experiment.config(size)) is not None
+    return valid_result(result_file(out_dir, experiment.STEM), experiment.config(size)) is not None
 
 
 def cached(tag: str, path: Path, config: dict, compute: Callable[[], tuple[list, dict]], force: bool) -> dict:
@@ -188,10 +193,27 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 class BoundViolation(RuntimeError):
     """A measured point lies above its proven bound: a bug in the code or in a constant, never to be hidden."""
-def check_rank_floor(rows: Sequence[dict], tag: str) -> None:
-    """Raise if a finished run's distance beat the Eckart-Young floor of its rank (`holds` False): a bug."""
-    bad = [(r["method"], r["lr"], r["seed"]) for r in rows if math.isfinite(r["dist"]) and not r["holds"]]
+BELOW_RANK_FLOOR = "a chain beat the Eckart-Young floor of its rank at"
+
+
+def below_rank_floor(rows: Sequence[dict]) -> list[tuple]:
+    """(method, lr, seed) of the finished runs whose distance beat the Eckart-Young floor of their rank (`holds`
+    False): impossible, hence a bug."""
+    return [(r["method"], r["lr"], r["seed"]) for r in rows if math.isfinite(r["dist"]) and not r["holds"]]
+
+
+def finish(tag: str, out_dir: Path, stem: str, rows: Sequence[dict], columns: Sequence[str], title: str, text: str,
+           bad: Sequence, violated: str, summary: str) -> list[Path]:
+    """The end of every experiment's `run`: <stem>.csv from `rows` beside <stem>.json, the Markdown summary
+    t<N>_summary.md ("<tag>: <title>" over `text`); then, if `bad` (the points above their proven bound) is not
+    empty, a BoundViolation "<tag>: <violated> <bad>: a bug in the code or a constant"; else `summary` is logged.
+    Returns [csv, json, md]."""
+    d = theory_dir(out_dir)
+    paths = [write_csv(d / f"{stem}.csv", rows, columns), result_file(out_dir, stem),
+             write_markdown(d / f"{tag.lower()}_summary.md", f"{tag}: {title}", text)]
     if bad:
-        raise BoundViolation(f"{tag}: a chain beat the Eckart-Young floor of its rank at {bad}: a bug")
+        raise BoundViolation(f"{tag}: {violated} {bad}: a bug in the code or a constant")
+    log(tag, summary)
+    return paths
 
 

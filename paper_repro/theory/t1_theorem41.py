@@ -21,15 +21,12 @@ from cola_theory.bounds import theorem41_bound, theorem41_eta, theorem41_stepsiz
 from cola_theory.frank_wolfe import nuclear_norm
 from cola_theory.problems import make_problem
 from paper_repro.theory.common import (
-    BoundViolation,
     cached,
     check_size,
+    finish,
     load,
-    log,
     md_table,
-    theory_dir,
-    write_csv,
-    write_markdown,
+    result_file,
 )
 
 if TYPE_CHECKING:
@@ -88,14 +85,9 @@ def config(size: str) -> dict:
     return {"experiment": TAG, "size": check_size(size), **SETTINGS[size]}
 
 
-def result_path(out_dir: Path) -> Path:
-    return theory_dir(out_dir) / f"{STEM}.json"
-
-
 def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     cfg = config(size)
-    d = theory_dir(out_dir)
-    payload = cached(TAG, result_path(out_dir), cfg, lambda: _compute(cfg), force)
+    payload = cached(TAG, result_file(out_dir, STEM), cfg, lambda: _compute(cfg), force)
     rows = payload["history"]
     summ = summarize(rows)
     text = ("Idealized COLA (Algorithm 2, rank-{rank} links trained by {inner} projected-SGD steps on a minibatch "
@@ -105,13 +97,10 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
                 rank=cfg["rank"], inner=cfg["inner_steps"], frac=cfg["batch_frac"])
     text += md_table(summ, ["problem", "runs", "max_ratio", "at_T", "at_seed", "max_paper_ratio", "mean_eps_share",
                             "all_hold", "paper_all_hold"])
-    paths = [write_csv(d / f"{STEM}.csv", rows, COLUMNS), d / f"{STEM}.json",
-             write_markdown(d / "t1_summary.md", "T1: Theorem 4.1 (average FW gap of idealized COLA)", text)]
-    bad = [(r["problem"], r["seed"], r["T"]) for r in rows if not r["holds"]]
-    if bad:
-        raise BoundViolation(f"T1: the Theorem 4.1 bound is violated at {bad}: a bug in the code or a constant")
-    log(TAG, "; ".join(f"{s['problem']}: max ratio {s['max_ratio']:.3g}" for s in summ))
-    return paths
+    return finish(TAG, out_dir, STEM, rows, COLUMNS, "Theorem 4.1 (average FW gap of idealized COLA)", text,
+                  [(r["problem"], r["seed"], r["T"]) for r in rows if not r["holds"]],
+                  "the Theorem 4.1 bound is violated at",
+                  "; ".join(f"{s['problem']}: max ratio {s['max_ratio']:.3g}" for s in summ))
 
 
 def figure(out_dir: Path) -> Figure:
@@ -120,7 +109,7 @@ def figure(out_dir: Path) -> Figure:
 
     from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure
 
-    rows = load(theory_dir(out_dir) / f"{STEM}.json")["history"]
+    rows = load(result_file(out_dir, STEM))["history"]
     names = list(dict.fromkeys(r["problem"] for r in rows))
     fig, axes = new_figure(1, len(names), width=3.0)
     for ax, name in zip(axes[0], names):

@@ -17,15 +17,12 @@ from cola_theory.bounds import convex_fw_bound
 from cola_theory.frank_wolfe import convex_frank_wolfe, minimize_over_ball, nuclear_norm
 from cola_theory.problems import make_problem
 from paper_repro.theory.common import (
-    BoundViolation,
     cached,
     check_size,
+    finish,
     load,
-    log,
     md_table,
-    theory_dir,
-    write_csv,
-    write_markdown,
+    result_file,
 )
 
 if TYPE_CHECKING:
@@ -99,33 +96,25 @@ def config(size: str) -> dict:
     return {"experiment": TAG, "size": check_size(size), **SETTINGS[size]}
 
 
-def result_path(out_dir: Path) -> Path:
-    return theory_dir(out_dir) / f"{STEM}.json"
-
-
 def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     cfg = config(size)
-    d = theory_dir(out_dir)
-    payload = cached(TAG, result_path(out_dir), cfg, lambda: _compute(cfg), force)
+    payload = cached(TAG, result_file(out_dir, STEM), cfg, lambda: _compute(cfg), force)
     rows = payload["history"]
     summ = summarize(rows, payload["metrics"]["checks"])
     text = ("Classical Frank-Wolfe (step 2/(t+2)) vs 2 beta D^2/(t+2) on f(x^(t)) - min_K f, checked at every t >= 1 "
             "and seed (the CSV keeps ~40 log-spaced t per run and the worst one).\n\n"
             + md_table(summ, ["case", "seeds", "T", "t_checked", "max_ratio", "at_t", "all_hold", "min_K_f"]))
-    paths = [write_csv(d / f"{STEM}.csv", rows, COLUMNS), d / f"{STEM}.json",
-             write_markdown(d / "t2_summary.md", "T2: convex Frank-Wolfe rate", text)]
-    bad = [s["case"] for s in summ if not s["all_hold"]]
-    if bad:
-        raise BoundViolation(f"T2: the convex FW bound is violated for {bad}: a bug in the code or a constant")
-    log(TAG, "; ".join(f"{s['case']}: max ratio {s['max_ratio']:.3g}" for s in summ))
-    return paths
+    return finish(TAG, out_dir, STEM, rows, COLUMNS, "convex Frank-Wolfe rate", text,
+                  [s["case"] for s in summ if not s["all_hold"]],
+                  "the convex FW bound is violated for",
+                  "; ".join(f"{s['case']}: max ratio {s['max_ratio']:.3g}" for s in summ))
 
 
 def figure(out_dir: Path) -> Figure:
     """The matplotlib Figure, drawn from the saved result only (tests read its data back)."""
     from paper_repro.plot_style import BOUND_STYLE, new_figure
 
-    rows = load(theory_dir(out_dir) / f"{STEM}.json")["history"]
+    rows = load(result_file(out_dir, STEM))["history"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
     fig, axes = new_figure(1, len(cases), width=2.8)
     for ax, label in zip(axes[0], cases):

@@ -13,18 +13,17 @@ from typing import TYPE_CHECKING
 
 from cola_theory.problems import make_problem
 from paper_repro.theory.common import (
+    BELOW_RANK_FLOOR,
+    below_rank_floor,
     cached,
-    check_rank_floor,
     check_size,
+    finish,
     load,
-    log,
     lr_sweep,
     md_table,
     mean_std,
     rank_floor,
-    theory_dir,
-    write_csv,
-    write_markdown,
+    result_file,
 )
 
 if TYPE_CHECKING:
@@ -81,14 +80,9 @@ def config(size: str) -> dict:
     return {"experiment": TAG, "size": check_size(size), "problem": PROBLEM, "rank": RANK, **SETTINGS[size]}
 
 
-def result_path(out_dir: Path) -> Path:
-    return theory_dir(out_dir) / f"{STEM}.json"
-
-
 def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     cfg = config(size)
-    d = theory_dir(out_dir)
-    payload = cached(TAG, result_path(out_dir), cfg, lambda: _compute(cfg), force)
+    payload = cached(TAG, result_file(out_dir, STEM), cfg, lambda: _compute(cfg), force)
     rows = payload["history"]
     summ = summarize(rows)
     text = (f"least_squares {PROBLEM}, target rank k={PROBLEM['k']}, link rank r={RANK}, "
@@ -97,18 +91,16 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
             "rank <= links * r.\n\n"
             + md_table(summ, ["method", "lr", "lr_at_grid_edge", "dist", "dist_std", "final_loss", "loss_std", "floor",
                               "rank", "seeds"]))
-    paths = [write_csv(d / f"{STEM}.csv", rows, COLUMNS + ["holds"]), d / f"{STEM}.json",
-             write_markdown(d / "t3_summary.md", "T3: residual learning closes the gap", text)]
-    check_rank_floor(rows, "T3")
-    log(TAG, "; ".join(f"{s['method']}: dist {s['dist']:.3g}" for s in summ))
-    return paths
+    return finish(TAG, out_dir, STEM, rows, COLUMNS + ["holds"], "residual learning closes the gap", text,
+                  below_rank_floor(rows), BELOW_RANK_FLOOR,
+                  "; ".join(f"{s['method']}: dist {s['dist']:.3g}" for s in summ))
 
 
 def figure(out_dir: Path) -> Figure:
     """The matplotlib Figure, drawn from the saved result only (tests read its data back)."""
     from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure
 
-    rows = load(theory_dir(out_dir) / f"{STEM}.json")["history"]
+    rows = load(result_file(out_dir, STEM))["history"]
     summ = summarize(rows)
     fig, axes = new_figure(1, 2, width=3.4)
     x = list(range(len(summ)))

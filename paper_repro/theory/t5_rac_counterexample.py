@@ -22,16 +22,13 @@ from cola_theory.baselines import rac_lora
 from cola_theory.bounds import rac_lora_bound, rac_lora_pl_rate, sketch_lambda
 from cola_theory.problems import make_problem
 from paper_repro.theory.common import (
-    BoundViolation,
     cached,
     check_size,
+    finish,
     load,
-    log,
     md_table,
+    result_file,
     run_one_chain,
-    theory_dir,
-    write_csv,
-    write_markdown,
 )
 
 if TYPE_CHECKING:
@@ -112,14 +109,9 @@ def config(size: str) -> dict:
     return {"experiment": TAG, "size": check_size(size), "rank": RANK, **SETTINGS[size]}
 
 
-def result_path(out_dir: Path) -> Path:
-    return theory_dir(out_dir) / f"{STEM}.json"
-
-
 def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
     cfg = config(size)
-    d = theory_dir(out_dir)
-    payload = cached(TAG, result_path(out_dir), cfg, lambda: _compute(cfg), force)
+    payload = cached(TAG, result_file(out_dir, STEM), cfg, lambda: _compute(cfg), force)
     rows = payload["history"]
     chain = [r for r in rows if r["part"] == "chain"]
     closed = [r for r in rows if r["part"] == "closed_form"]
@@ -129,21 +121,18 @@ def run(out_dir: Path, size: str = "full", force: bool = False) -> list[Path]:
             + f"\n\nClosed-form RAC-LoRA, gamma = 1/beta, lam = r/n = {RANK}/3, mean over {cfg['sketches']} "
             "sketch seeds (ratio = largest mean/bound over all T resp. t).\n\n"
             + md_table(closed, ["method", "seed", "T", "measured", "stderr", "bound", "ratio", "holds"]))
-    paths = [write_csv(d / f"{STEM}.csv", rows, COLUMNS), d / f"{STEM}.json",
-             write_markdown(d / "t5_summary.md", "T5: RAC-LoRA counterexample", text)]
-    bad = [(r["method"], r["seed"]) for r in closed if not r["holds"]]
-    if bad:
-        raise BoundViolation(f"T5: a RAC-LoRA bound is violated at {bad}: a bug in the code or a constant")
     status = {m: sorted({r["status"] for r in chain if r["method"] == m}) for m in ("LoRA", "COLA", "RAC-LoRA")}
-    log(TAG, f"chain status {status}; closed-form bounds hold")
-    return paths
+    return finish(TAG, out_dir, STEM, rows, COLUMNS, "RAC-LoRA counterexample", text,
+                  [(r["method"], r["seed"]) for r in closed if not r["holds"]],
+                  "a RAC-LoRA bound is violated at",
+                  f"chain status {status}; closed-form bounds hold")
 
 
 def figure(out_dir: Path) -> Figure:
     """The matplotlib Figure, drawn from the saved result only (tests read its data back)."""
     from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure
 
-    payload = load(theory_dir(out_dir) / f"{STEM}.json")
+    payload = load(result_file(out_dir, STEM))
     rows, curves = payload["history"], payload["metrics"]["curves"]
     seed = next(s for s in curves if "chain" in curves[s])  # the first seed keeps its chain curves
     ch, cf = curves[seed]["chain"], curves[seed]["closed_form"]
