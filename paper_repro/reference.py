@@ -1,6 +1,7 @@
 """The paper's numbers (COLA, Xia, Qin & Hazan 2024, arXiv 2401.04151 v1), for display beside ours only.
 
-Every value is copied from /work/shared/notes/paper.md section 3.6 with its provenance tag:
+Every value is read off the paper (its results tables, Table 4, Figure 3 and the text around them), with its
+provenance tag:
 [S] stated in the paper's text, [D] derived from stated numbers (e.g. LoRA = gain / relative gain, pinned to the
 test-set grid), [U] unknown / our assumption. Nothing in this module is ever used as a result: tables show these
 values in columns labelled "paper (reference)" next to the numbers computed from our own result files.

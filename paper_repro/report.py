@@ -123,7 +123,7 @@ def verdict_table(verdicts: list[Verdict]) -> str:
 
 
 def reference_section() -> str:
-    """Every recovered paper number with its provenance tag (paper.md section 3.6)."""
+    """Every recovered paper number with its provenance tag (`paper_repro.reference`)."""
     lines = [f"Source: {ref.SOURCE}. Tags: " + "; ".join(f"[{k}] {v}" for k, v in ref.TAGS.items()) + ".", "",
              "| model | task | LoRA | COLA | gain | relative gain |", "|---|---|---|---|---|---|"]
     for (model, task), vals in ref.MAIN.items():

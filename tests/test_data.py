@@ -218,7 +218,9 @@ def test_hub_source_uses_parquet_ids(monkeypatch, tmp_path):
 
 # --- MeZO sampling ----------------------------------------------------------------------------------------
 
-PROTOCOL = {  # task: (HF train rows, HF validation rows, DEV) -> MeZO train/dev/test sizes (paper.md 3.2)
+# task: (HF train rows, HF validation rows, DEV) -> train/dev/test sizes of MeZO's sampling protocol (Malladi et al.
+# 2023, arXiv 2305.17333), as `cola_theory.lm.data.sample_protocol` draws them
+PROTOCOL = {
     "sst2": ((67349, 872, 500), (1000, 500, 872)),
     "rte": ((2490, 277, 500), (1000, 500, 277)),
     "cb": ((250, 56, 100), (150, 100, 56)),

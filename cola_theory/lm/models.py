@@ -69,7 +69,7 @@ def load_smollm2(use_cache: bool = True):
     if not use_cache:
         return model, tok
     conf = model.config.to_dict()
-    conf.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained (notes/models.md 1.1)
+    conf.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
     with torch.device("meta"):
         clean = LlamaForCausalLM(LlamaConfig(**conf))
     clean.load_state_dict(model.state_dict(), assign=True)
