@@ -31,6 +31,13 @@ from torch import nn
 from cola_theory.config import ChainConfig, Link
 from cola_theory.links import draw_generator, reset_generator, set_trainable_
 from cola_theory.lm import collectives
+from cola_theory.lm.checkpoint import (
+    check_extra_state,
+    extra_state_dict,
+    load_extra_state,
+    rng_tensors,
+    set_rng_tensors,
+)
 from cola_theory.lm.lora_ops import (
     ADAPTER,
     DEFAULT_TARGETS,
@@ -291,10 +298,7 @@ class PeftChainBackend:
         """
         if not isinstance(self.model, PeftModel):
             raise RuntimeError("state_dict() before the first extend(): nothing to save yet")
-        tensors: dict[str, Tensor] = {"rng/cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng/cuda/{i}"] = s
+        tensors = rng_tensors()
         if self.ddp:
             tensors.update(collectives.gather_rng_states())  # every rank's dropout stream (collective)
         for name, layer in lora_layers(self.model):
@@ -313,11 +317,7 @@ class PeftChainBackend:
                 "links": links_meta, "layers": self.layer_names, "fp32_master": self.master is not None,
                 "config": _json_config(self.cfg)}
         if self.extra_state:
-            meta["extra_state"] = {}
-            for key, obj in self.extra_state.items():
-                extra = obj.state_dict()
-                meta["extra_state"][key] = extra["meta"]
-                tensors.update({f"extra/{key}/{k}": v for k, v in extra["tensors"].items()})
+            meta["extra_state"] = extra_state_dict(self.extra_state, tensors)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         return {"meta": meta, "tensors": tensors, "optimizer": self.optimizer.state_dict()}
 
@@ -336,9 +336,7 @@ class PeftChainBackend:
         if meta["fp32_master"] != self.fp32_master:
             raise ValueError(f"checkpoint has fp32_master={meta['fp32_master']}; construct the backend with the same")
         extras = meta.get("extra_state", {})
-        if set(extras) != set(self.extra_state):
-            raise ValueError(f"checkpoint carries the state of {sorted(extras)} but this backend of "
-                             f"{sorted(self.extra_state)} (e.g. LMRunConfig.best_dev differs); use the same config")
+        check_extra_state(extras, self.extra_state, "backend")
         if not isinstance(self.model, PeftModel):
             self._attach(meta["rank"])  # captures W_0 from the (original) base before it is overwritten
         elif meta["rank"] != self.rank:
@@ -361,16 +359,9 @@ class PeftChainBackend:
             self.links.append({"index": lm["index"], "rank": lm["rank"], "factors": factors})
         self.optimizer = make_optimizer(trainable_link_parameters(self.model), self.cfg)
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(tensors["rng/cpu"])
-        cuda_keys = [f"rng/cuda/{i}" for i in range(torch.cuda.device_count())]
-        cuda_states = [tensors[k] for k in cuda_keys if k in tensors]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states)
+        set_rng_tensors(tensors)
         self.t, self.link, self.active = meta["t"], meta["link"], meta["active"]
-        for key, obj in self.extra_state.items():
-            prefix = f"extra/{key}/"
-            obj.load_state_dict({"meta": extras[key],
-                                 "tensors": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}})
+        load_extra_state(self.extra_state, extras, tensors)
         if self.ddp:
             collectives.set_rng_states(tensors)
             self._sync()

@@ -21,7 +21,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,52 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
         if _sha256(f) != files[name]:
             raise CorruptResultError(f"checkpoint {path}: file {f} fails its sha256 check (truncated or corrupted)")
     return manifest
+
+
+
+# -- what every backend's state_dict() holds besides its own tensors -----------------------------------------
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's RNG states as checkpoint tensors: "rng/cpu" and "rng/cuda/<i>" per CUDA device."""
+    tensors = {"rng/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    return tensors
+
+
+def set_rng_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Restore the RNG states of `rng_tensors()` (the CUDA ones where the devices are there)."""
+    torch.set_rng_state(tensors["rng/cpu"])
+    cuda = [tensors[k] for k in (f"rng/cuda/{i}" for i in range(torch.cuda.device_count())) if k in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def extra_state_dict(extra_state: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The helpers' state (`backend.extra_state`: name -> object with state_dict() -> {"meta", "tensors"}): their
+    metas by name; their tensors are added to `tensors` as "extra/<name>/<key>"."""
+    metas = {}
+    for key, obj in extra_state.items():
+        extra = obj.state_dict()
+        metas[key] = extra["meta"]
+        tensors.update({f"extra/{key}/{k}": v for k, v in extra["tensors"].items()})
+    return metas
+
+
+def check_extra_state(metas: Mapping[str, Any], extra_state: Mapping[str, Any], owner: str) -> None:
+    """Raise if a checkpoint carries the state of other helpers than `owner` has (e.g. best_dev on one side)."""
+    if set(metas) != set(extra_state):
+        raise ValueError(f"checkpoint carries the state of {sorted(metas)} but this {owner} of "
+                         f"{sorted(extra_state)} (e.g. LMRunConfig.best_dev differs); use the same config")
+
+
+def load_extra_state(extra_state: Mapping[str, Any], metas: Mapping[str, Any],
+                     tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give every helper back its part of an `extra_state_dict` checkpoint."""
+    for key, obj in extra_state.items():
+        prefix = f"extra/{key}/"
+        obj.load_state_dict({"meta": metas[key],
+                             "tensors": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}})
 
 
 class KnotCheckpointer:

@@ -28,6 +28,13 @@ from torch import nn
 
 from cola_theory.config import ChainConfig, Link, link_plan, lr_at
 from cola_theory.links import draw_generator, new_link, reset_generator, set_trainable_
+from cola_theory.lm.checkpoint import (
+    check_extra_state,
+    extra_state_dict,
+    load_extra_state,
+    rng_tensors,
+    set_rng_tensors,
+)
 from cola_theory.lm.packed_layers import PackedLoRALinear, StackedAdam, attach, detach, lr_tensor
 from cola_theory.lm.scoring import CandidateBatch, candidate_logprobs
 
@@ -268,21 +275,14 @@ class PackedChainBackend:
     def state_dict(self) -> dict[str, Any]:
         if not self.layers:
             raise RuntimeError("state_dict() before the first extend(): nothing to save yet")
-        tensors: dict[str, Tensor] = {"rng/cpu": torch.get_rng_state(), "alive": self.alive.to(torch.uint8)}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng/cuda/{i}"] = s
+        tensors = {**rng_tensors(), "alive": self.alive.to(torch.uint8)}
         for name, layer in self.layers:
             for key in ("A", "B", "T_A", "T_B", "T_s"):
                 tensors[f"{name}/{key}"] = getattr(layer, key).detach()
         meta = {"format": STATE_FORMAT, "packed": self.K, "t": self.t, "link": self.link, "rank": self.rank,
                 "active": self.active, "tied": self.tied, "losses": self.losses, "lrs": self.lrs,
                 "resets": self.resets, "diverged": self.diverged, "configs": self._config_json(),
-                "layers": [n for n, _ in self.layers], "extra_state": {}}
-        for key, obj in self.extra_state.items():
-            extra = obj.state_dict()
-            meta["extra_state"][key] = extra["meta"]
-            tensors.update({f"extra/{key}/{k}": v for k, v in extra["tensors"].items()})
+                "layers": [n for n, _ in self.layers], "extra_state": extra_state_dict(self.extra_state, tensors)}
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         return {"meta": meta, "tensors": tensors, "optimizer": self.optimizer.state_dict()}
 
@@ -306,19 +306,11 @@ class PackedChainBackend:
         self.optimizer.load_state_dict(state["optimizer"])
         self.alive = tensors["alive"].to(torch.bool).to(self.device)
         self.n_alive = int(self.alive.sum())
-        torch.set_rng_state(tensors["rng/cpu"])
-        cuda = [tensors[k] for k in (f"rng/cuda/{i}" for i in range(torch.cuda.device_count())) if k in tensors]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
+        set_rng_tensors(tensors)
         self.t, self.active = meta["t"], meta["active"]
         self.tied = [[tuple(x) for x in run] for run in meta["tied"]]
         extras = meta.get("extra_state", {})
-        if set(extras) != set(self.extra_state):
-            raise ValueError(f"checkpoint carries the state of {sorted(extras)} but this pack of "
-                             f"{sorted(self.extra_state)} (e.g. LMRunConfig.best_dev differs); use the same configs")
-        for key, obj in self.extra_state.items():
-            prefix = f"extra/{key}/"
-            obj.load_state_dict({"meta": extras[key],
-                                 "tensors": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}})
+        check_extra_state(extras, self.extra_state, "pack")
+        load_extra_state(self.extra_state, extras, tensors)
         self.losses, self.lrs = meta["losses"], meta["lrs"]
         self.resets, self.diverged = meta["resets"], meta["diverged"]
