@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
         torch._dynamo.reset()
         counters.clear()
         t = time.perf_counter()
-        payload = run_lm(cfg, None, data_dir=args.data_dir, device=device, progress=False, model_bundle=bundle)
+        payload = run_lm(cfg, None, data_dir=args.data_dir, device=device, model_bundle=bundle)
         m = payload["metrics"]
         rows.append({"variant": label, "compile": mode, "pad_to_multiple_of": pad, "wall_s": time.perf_counter() - t,
                      "train_s": m["train_time_s"], "eval_s": m["eval_time_s"], "steps": m["total_steps"],

@@ -299,7 +299,7 @@ def lm_run(out: str, world: int = 2) -> None:
 
     me = init_from_env()
     payload = run_lm(lm_config(), "res.json", data_dir=str(HERE / "fixtures" / "superglue"), checkpoint_dir="ck",
-                     model_bundle=lm_bundle(), results_root=out, progress=False)
+                     model_bundle=lm_bundle(), results_root=out)
     Path(out, f"lm-rank{me.rank}.json").write_text(json.dumps(payload["history"]))
 
 

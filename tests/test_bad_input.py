@@ -87,7 +87,7 @@ def _data(env, task, text):
 def _run_lm(env, data_dir=None, **kw):
     cfg = LMRunConfig(**{"model": "tiny-opt", "task": "rte", "num_train": 4, "num_dev": 0, "num_test": 2,
                          "epochs": 1.0, "n_links": 1, **kw})
-    run_lm(cfg, env["results"] / "new.json", data_dir=data_dir or str(FIXTURES), progress=False,
+    run_lm(cfg, env["results"] / "new.json", data_dir=data_dir or str(FIXTURES),
            checkpoint_dir=env["results"] / "ck-new")
 
 

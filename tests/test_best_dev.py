@@ -144,7 +144,7 @@ def tiny_run(cfg, tmp_path, dtype=torch.float32):
 
     model, _, _ = load_model(cfg.model, device="cpu", dtype=dtype, tiny_vocab=128)
     return run_lm(cfg, tmp_path / "r.json", data_dir=str(DATA_DIR), model_bundle=(model.eval(), tiny_tokenizer(),
-                  "tiny"), device="cpu", progress=False)
+                  "tiny"), device="cpu")
 
 
 TINY = dict(model="tiny-opt", task="sst2", num_train=16, num_dev=8, num_test=8, batch_size=8, eval_batch_size=8,
@@ -240,7 +240,7 @@ def test_run_lm_best_dev_killed_and_resumed(tmp_path, monkeypatch, capsys):
     def run(out):
         model, _, _ = load_model(cfg.model, device="cpu", tiny_vocab=128)
         return run_lm(cfg, tmp_path / out, data_dir=str(DATA_DIR), checkpoint_dir=tmp_path / "ck",
-                      model_bundle=(model.eval(), tiny_tokenizer(), "tiny"), device="cpu", progress=False)
+                      model_bundle=(model.eval(), tiny_tokenizer(), "tiny"), device="cpu")
 
     ref = run("ref.json")
     shutil.rmtree(tmp_path / "ck")  # the killed run starts from scratch

@@ -139,7 +139,7 @@ def test_run_lm_compiled_and_padded_matches_eager(tmp_path):
                                                                          pad_to_multiple_of=16,
                                                                          compile_backend="aot_eager"))):
         model, _, _ = load_model("tiny-llama", device="cpu", tiny_vocab=128)
-        out[name] = run_lm(cfg, tmp_path / f"{name}.json", data_dir=str(DATA_DIR), device="cpu", progress=False,
+        out[name] = run_lm(cfg, tmp_path / f"{name}.json", data_dir=str(DATA_DIR), device="cpu",
                            model_bundle=(model.eval(), tiny_tokenizer(), "tiny"))
     assert out["compiled"]["config"]["compile"] == "default"
     # lengths <= 64 padded to multiples of 16: at most 4 lengths x (train, eval) x 2 batch sizes (full, last)

@@ -120,7 +120,7 @@ def test_run_lm_on_two_ranks_matches_one_process(tmp_path):
     assert hist[0] == hist[1]
     written = json.loads((tmp_path / "res.json").read_text())
     assert written["history"] == hist[0] and (tmp_path / "ck").is_dir()
-    ref = run_lm(w.lm_config(), data_dir=str(ROOT / "tests" / "fixtures" / "superglue"), progress=False,
+    ref = run_lm(w.lm_config(), data_dir=str(ROOT / "tests" / "fixtures" / "superglue"),
                  model_bundle=w.lm_bundle())
     steps = [(a, b) for a, b in zip(ref["history"], hist[0]) if a["event"] == "step"]
     assert len(steps) == ref["metrics"]["total_steps"] == 6

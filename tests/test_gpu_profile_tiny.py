@@ -70,7 +70,7 @@ def test_paper_config_runs_on_a_tiny_model(tmp_path, monkeypatch, group, task, t
 
     monkeypatch.setattr(scoring, "evaluate_accuracy", recorded)
     payload = run_lm(cfg, tmp_path / "r.json", data_dir=str(DATA_DIR), model_bundle=(model, tok, "tiny"),
-                     device="cpu", progress=False)
+                     device="cpu")
     m, chain = payload["metrics"], payload["config"]["chain"]
     assert m["status"] == "finished" and m["sizes"] == {"train": 8, "dev": 4, "test": 6}
     # every accuracy equals the unbatched recomputation; test and dev are of the TRAINED model, zero-shot of the base

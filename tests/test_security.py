@@ -153,6 +153,6 @@ def test_run_lm_refuses_paths_outside_results_root(tmp_path, kw):
     root.mkdir()
     name = next(iter(kw))
     with pytest.raises(ValueError, match=f"{name}=.*(escapes the output directory|is outside results_root)"):
-        run_lm(LMRunConfig(model="tiny-opt", task="rte"), results_root=root, progress=False,
+        run_lm(LMRunConfig(model="tiny-opt", task="rte"), results_root=root,
                data_dir=str(ROOT / "tests" / "fixtures" / "superglue"), **kw)
     assert not (tmp_path / "escape.json").exists() and list(root.iterdir()) == []

@@ -20,14 +20,19 @@ import torch
 from cola_theory.chain import run_chain
 from cola_theory.lm import scoring
 from cola_theory.lm.checkpoint import KnotCheckpointer
-from cola_theory.lm.data import sample_protocol
-from cola_theory.lm.models import load_model
 from cola_theory.lm.packed import PackedChainBackend, merge_batches
 from cola_theory.lm.packed_best_dev import PackedBestDev
-from cola_theory.lm.run_config import SPEED_ONLY, LMRunConfig, resolve_dtype
+from cola_theory.lm.run_config import SPEED_ONLY, LMRunConfig
 from cola_theory.lm.tasks import Example
-from cola_theory.lm.train import _inside, make_batches
-from cola_theory.results import environment_meta, save_result
+from cola_theory.lm.train import (
+    base_metrics,
+    batch_plan,
+    fresh_device,
+    inside_root,
+    load_base,
+    load_sample,
+    write_result,
+)
 
 PACK_FREE = ("lr", "seed", "weight_decay", "lr_schedule", "optimizer_reset", "zero_shot")
 PACK_FREE_CHAIN = ("warmup_steps", "restart_warmup_steps", "min_lr_ratio", "init", "init_std", "fresh_init")
@@ -125,31 +130,23 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
     out_paths = list(out_paths) if out_paths is not None else [None] * len(cfgs)
     if len(out_paths) != len(cfgs):
         raise ValueError(f"out_paths has {len(out_paths)} entries for {len(cfgs)} configs; give one per config")
-    if results_root is not None:
-        out_paths = [None if p is None else _inside(results_root, p, "out_path") for p in out_paths]
-        checkpoint_dir = None if checkpoint_dir is None else _inside(results_root, checkpoint_dir, "checkpoint_dir")
+    out_paths = [inside_root(results_root, p, "out_path") for p in out_paths]
+    checkpoint_dir = inside_root(results_root, checkpoint_dir, "checkpoint_dir")
     c0, K = cfgs[0], len(cfgs)
     for c in cfgs:
         print(f"[cola] pack of {K}: {c}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     samples_by_seed: dict[int, dict] = {}
-    for c in cfgs:
+    for c in cfgs:  # the runs of one seed share its sample (the protocol sizes are the pack's)
         if c.seed not in samples_by_seed:
-            samples_by_seed[c.seed] = sample_protocol(c0.task, seed=c.seed, num_train=c0.num_train,
-                                                      num_dev=c0.num_dev, num_test=c0.num_test, data_dir=data_dir,
-                                                      split_validation_as_train=split_validation_as_train
-                                                      or c0.split_validation_as_train)
+            samples_by_seed[c.seed] = load_sample(c, data_dir, split_validation_as_train)
     samples = [samples_by_seed[c.seed] for c in cfgs]
-    if c0.best_dev and not samples[0]["dev"]:
-        raise ValueError(f"LMRunConfig.best_dev=True selects the epoch on dev, but num_dev={c0.num_dev!r} gave no "
-                         "dev examples; use num_dev >= 1 (None = MeZO's size) or best_dev=False")
-    model, tok, note = model_bundle or load_model(c0.model, device=device, dtype=resolve_dtype(c0.dtype, device))
+    model, tok, note = load_base(c0, device, model_bundle)
     encode = _Encoder(tok, c0.max_length)
     pad_id = tok.pad_token_id or 0
     train = [[encode(ex) for ex in s["train"]] for s in samples]
-    plans = [make_batches(len(tr), c0.batch_size, c.seed, [e.max_len for e in tr] if c0.group_by_length else None)
-             for tr, c in zip(train, cfgs)]
+    plans = [batch_plan(c, tr) for tr, c in zip(train, cfgs)]
     steps_per_epoch = plans[0][1]
     chain_cfgs = [c.chain_config(steps_per_epoch) for c in cfgs]
 
@@ -168,14 +165,12 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
                                c0.max_length) if runs else []
 
     metrics: list[dict[str, Any]] = [
-        {"model_note": note, "sizes": {k: len(v) for k, v in s.items()}, "steps_per_epoch": steps_per_epoch,
-         "total_steps": chain_cfgs[0].total_steps, "fold": "float32 low-rank factors (packed: W is never folded)"}
-        for s in samples]
+        {**base_metrics(note, s, steps_per_epoch, chain_cfgs[0].total_steps),
+         "fold": "float32 low-rank factors (packed: W is never folded)"} for s in samples]
     zs = [k for k, c in enumerate(cfgs) if c.zero_shot]
     for k, acc in zip(zs, accuracies("test", zs)):  # the untrained base (no adapter attached yet)
         metrics[k]["zero_shot_test_acc"] = acc
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    fresh_device(c0, device)
     backend = PackedChainBackend(model, chain_cfgs, batch_fn, target_modules=list(c0.target_modules), pad_id=pad_id,
                                  device=device)
     try:
@@ -217,13 +212,8 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
         if peak is not None:
             m["peak_mem_gb"] = peak  # the whole pack's peak
         m["wall_time_s"], m["pack_wall_time_s"] = wall / K, wall
-        meta = environment_meta(seed=cfg.seed, device=device)
-        meta.update(wall_time_s=m["wall_time_s"], packed={"size": K, "index": k})
-        payload = {"config": {**cfg.to_dict(), "chain": chain_cfgs[k].to_dict()}, "history": histories[k],
-                   "metrics": m, "meta": meta}
-        if out is not None:
-            payload = save_result(out, **payload)
-        payloads.append(payload)
+        payloads.append(write_result(out, cfg, chain_cfgs[k], histories[k], m, device,
+                                     packed={"size": K, "index": k}))
         print(f"[cola] {cfg.task} {cfg.method} lr={cfg.lr:g} seed={cfg.seed} (pack {k + 1}/{K}): "
               f"test_acc={m.get('test_acc')}")
     print(f"[cola] pack of {K} runs: {wall:.0f}s ({wall / K:.1f}s per run)")
