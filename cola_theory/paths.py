@@ -9,9 +9,22 @@ refused with a ValueError that names the value and what to do instead.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-__all__ = ["safe_join"]
+__all__ = ["check_writable", "safe_join"]
+
+
+def check_writable(path: Path, flag: str) -> str | None:
+    """None if the output directory `path` can be created and written, else a message naming the command-line
+    flag, the path and the reason."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return f"{flag} {path} is not writable ({exc.strerror or exc}); choose another directory with {flag}"
+    return None
 
 
 def safe_join(root: str | os.PathLike, relative: str | os.PathLike, *, what: str = "path") -> Path:

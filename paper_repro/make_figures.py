@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cola_theory.paths import check_writable  # noqa: E402
 from paper_repro import plot_style  # noqa: E402,F401 - selects the Agg backend before pyplot is imported
 
 RUN = "python paper_repro/run_all.py"
@@ -172,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=ROOT / "paper_repro" / "results")
     p.add_argument("--figures-dir", type=Path, default=ROOT / "figures")
     args = p.parse_args(argv)
-    from paper_repro.run_all import check_writable
-
     if (msg := check_writable(args.figures_dir.resolve(), "--figures-dir")) is not None:
         p.error(msg)
     if not args.results_dir.is_dir():

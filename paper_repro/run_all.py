@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python paper_repro/run_all.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from cola_theory.paths import check_writable  # noqa: E402
 from paper_repro.lm.profiles import PROFILES  # noqa: E402
 
 PARTS = ("theory", "lm", "figures")
@@ -202,17 +202,6 @@ def job_list(profile: str, parts: tuple[str, ...], settings: dict | None = None)
 
 def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
     return jobs[i::n]
-
-
-def check_writable(path: Path, flag: str) -> str | None:
-    """None if `path` can be created and written, else a message naming the flag, the path and the reason."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        return f"{flag} {path} is not writable ({exc.strerror or exc}); choose another directory with {flag}"
-    return None
 
 
 def _mtimes(folder: Path) -> dict[Path, int]:

@@ -1,4 +1,4 @@
-"""The modules of `cola_theory` import each other without a cycle.
+"""The modules of `cola_theory` (and of `paper_repro`) import each other without a cycle.
 
 Every import statement counts, wherever it stands (module level, inside a function, under `if TYPE_CHECKING`):
 a function-local import that only postpones a cycle is still a cycle here. `from pkg import name` is an edge to
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 PACKAGE = "cola_theory"
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +70,24 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_cola_theory_imports_form_a_dag():
-    graph = import_graph()
-    assert "cola_theory.lm.backend" in graph and "cola_theory.problems" in graph  # the walk found the package
+@pytest.mark.parametrize("package, sample", [("cola_theory", "cola_theory.lm.backend"),
+                                             ("paper_repro", "paper_repro.lm.runner")])
+def test_imports_form_a_dag(package, sample):
+    graph = import_graph(package)
+    assert sample in graph and len(graph) > 10  # the walk found the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_library_never_imports_the_reproduction():
+    """cola_theory <- paper_repro only, so no cycle can run through both packages."""
+    bad = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{name} imports {m}" for m in mods if m.split(".")[0] == "paper_repro"]
+    assert not bad, bad
 
 
 def test_the_check_sees_cycles_function_local_and_relative_imports(tmp_path):
