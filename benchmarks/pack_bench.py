@@ -26,7 +26,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 STEPS_PER_RUN, EVAL_BATCHES_PER_RUN = 625, 63 + 32 + 5 * 32
 SIZES = {  # model, timed steps, warm-up steps, timed eval batches, pack sizes
-    "tiny": dict(model="tiny-llama", steps=12, warmup=3, evals=4, packs=(1, 5, 8, 25)),
+    "tiny": dict(model="tiny-llama", steps=40, warmup=5, evals=12, packs=(1, 5, 8, 25)),
     "smollm2": dict(model="smollm2-135m", steps=6, warmup=2, evals=3, packs=(1, 5, 25)),
 }
 
@@ -82,7 +82,8 @@ def measure(size: str, device: str, K: int, threads: int) -> dict:
         i = (8 * (t * runs + k // 5)) % (len(enc) - 8)
         return scoring.collate(enc[i:i + 8], pad_id=tok.pad_token_id or 0)
 
-    eval_batches = [[scoring.collate(enc[-16 * (k + 1):len(enc) - 16 * k], pad_id=tok.pad_token_id or 0)
+    # scoring: a seed's runs score the same examples (its test / dev sample), in the same chunks
+    eval_batches = [[scoring.collate(enc[-16 * (k // 5 + 1):len(enc) - 16 * (k // 5)], pad_id=tok.pad_token_id or 0)
                      for k in range(runs)]] * spec["evals"]
     if K == 0:
         backend = PeftChainBackend(model, cfgs[0], lambda t: batch(t, 0), scoring.candidate_loss, device=device)
