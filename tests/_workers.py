@@ -241,33 +241,39 @@ def mismatch(out: str) -> None:
 
 
 def gpu_ddp(out: str) -> None:
-    """One GPU, nccl, world 1: the DDP path on CUDA (device_ids, tensor loss all-reduce) equals the plain run."""
+    """nccl on CUDA, one process per GPU (world 1 on a one-GPU machine, 2 where two exist): the DDP chain (each
+    rank its share of the global batch, tensor loss all-reduce, knots checked bitwise across ranks by the backend)
+    equals one process training on the whole global batch; FSDP2 (W sharded over the ranks) equals that process
+    too. With one GPU this checks the CUDA code path of DDP / FSDP2 (device_ids, nccl collectives, the all-reduced
+    tensor loss) against the plain backend; with two it also checks the sharded gradients and weights."""
     import torch.distributed as dist
 
-    from cola_theory.lm.collectives import init_from_env
-
-    init_from_env()
-    cfg = ddp_config()
-    runs = []
-    for on in (True, False):
-        b = PeftChainBackend(tiny_model("opt"), cfg, global_batch_fn(), lm_loss, target_modules=TARGETS,
-                             device="cuda:0", ddp=on)
-        res = run_chain(b, cfg)
-        runs.append((chain_tensors(b.model), [h["loss"] for h in res.history if h["event"] == "step"]))
+    from cola_theory.lm.collectives import init_from_env, shard_batch_fn
     from cola_theory.lm.fsdp import Fsdp2ChainBackend
 
+    me = init_from_env()
+    dev = f"cuda:{me.rank}"
+    cfg = ddp_config()
+    runs = []
+    for on in (True, False):  # DDP over the ranks, then the reference: this process alone on the global batch
+        fn = shard_batch_fn(global_batch_fn()) if on else global_batch_fn()
+        b = PeftChainBackend(tiny_model("opt"), cfg, fn, lm_loss, target_modules=TARGETS, device=dev, ddp=on)
+        res = run_chain(b, cfg)
+        runs.append((chain_tensors(b.model), [h["loss"] for h in res.history if h["event"] == "step"]))
     cfg2 = ChainConfig(total_steps=6, n_links=3, rank=4, alpha=8.0, lr=2e-2, seed=5)
-    for cls in (Fsdp2ChainBackend, PeftChainBackend):  # FSDP2 on one GPU == the plain backend on that GPU
-        b = cls(tiny_model("opt"), cfg2, global_batch_fn(), lm_loss, target_modules=TARGETS, device="cuda:0")
+    for cls, fn in ((Fsdp2ChainBackend, shard_batch_fn(global_batch_fn())), (PeftChainBackend, global_batch_fn())):
+        b = cls(tiny_model("opt"), cfg2, fn, lm_loss, target_modules=TARGETS, device=dev)
         run_chain(b, cfg2)
         runs.append(({n: layer.get_base_layer().weight for n, layer in lora_layers(b.model)}, None))
     (t1, l1), (t2, l2), (f1, _), (f2, _) = runs
     fsdp_w = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in f1.items()}
-    Path(out, "gpu.json").write_text(json.dumps({
-        "weight_diff": max(float((t1[k] - t2[k]).abs().max()) for k in t1),
-        "loss_diff": max(abs(a - b) for a, b in zip(l1, l2)),
-        "fsdp2_diff": max(float((fsdp_w[k] - f2[k].detach().cpu()).abs().max()) for k in f2),
-        "fsdp2_sharded": all(hasattr(v, "full_tensor") for v in f1.values())}))
+    if me.rank == 0:
+        Path(out, "gpu.json").write_text(json.dumps({
+            "world": me.world_size,
+            "weight_diff": max(float((t1[k] - t2[k]).abs().max()) for k in t1),
+            "loss_diff": max(abs(a - b) for a, b in zip(l1, l2)),
+            "fsdp2_diff": max(float((fsdp_w[k] - f2[k].detach().cpu()).abs().max()) for k in f2),
+            "fsdp2_sharded": all(hasattr(v, "full_tensor") for v in f1.values())}))
     dist.destroy_process_group()
 
 
