@@ -190,6 +190,23 @@ def test_rank_stepdown_and_mixed_policies_pack():
         assert [e["t"] for e in p["history"] if e["event"] == "knot"] == [8]  # after 2 of 3 epochs (4 steps each)
 
 
+def _kill_pack_at(monkeypatch, t: int, run) -> list[int]:
+    """run() with the pack killed (KeyboardInterrupt) as it starts step t; the steps started, step t last."""
+    original, calls = PackedChainBackend.step, []
+
+    def dying(self, lr):
+        calls.append(self.t)
+        if self.t == t:
+            raise KeyboardInterrupt("killed")
+        return original(self, lr)
+
+    monkeypatch.setattr(PackedChainBackend, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(PackedChainBackend, "step", original)
+    return calls
+
+
 @needs_data
 def test_killed_pack_resumes_to_the_same_results(tmp_path, monkeypatch):
     tok, model = tiny_tokenizer(), tiny_model("opt").eval()
@@ -197,19 +214,8 @@ def test_killed_pack_resumes_to_the_same_results(tmp_path, monkeypatch):
             for lr, s in ((1e-2, 0), (1e-3, 1))]
     kw = dict(data_dir=str(DATA_DIR), model_bundle=(model, tok, "tiny"), device="cpu")
     whole = run_lm_packed(cfgs, **kw)
-    original, calls = PackedChainBackend.step, []
-
-    def dying(self, lr):
-        calls.append(self.t)
-        if self.t == 7:
-            raise KeyboardInterrupt("killed")
-        return original(self, lr)
-
-    monkeypatch.setattr(PackedChainBackend, "step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        run_lm_packed(cfgs, checkpoint_dir=tmp_path / "ckpt", **kw)
+    calls = _kill_pack_at(monkeypatch, 7, lambda: run_lm_packed(cfgs, checkpoint_dir=tmp_path / "ckpt", **kw))
     assert calls[-1] == 7 and any((tmp_path / "ckpt").iterdir())
-    monkeypatch.setattr(PackedChainBackend, "step", original)
     resumed = run_lm_packed(cfgs, checkpoint_dir=tmp_path / "ckpt", **kw)
     for a, b in zip(whole, resumed):
         assert a["history"] == b["history"] and a["metrics"]["test_acc"] == b["metrics"]["test_acc"]
@@ -343,17 +349,7 @@ def test_best_dev_pack_selects_and_restores_each_runs_best_epoch_as_run_lm_does(
         assert m["best_epoch"] == 1 + min(range(3), key=lambda e: m["dev_loss_per_epoch"][e])
         restored += m["best_dev_restored"]
     assert restored >= 1  # an earlier epoch won for at least one run: the restore path itself is compared
-    original = PackedChainBackend.step
-
-    def dying(self, lr):
-        if self.t == 9:
-            raise KeyboardInterrupt("killed")
-        return original(self, lr)
-
-    monkeypatch.setattr(PackedChainBackend, "step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        run_lm_packed(cfgs, checkpoint_dir=tmp_path / "c", **kw)
-    monkeypatch.setattr(PackedChainBackend, "step", original)
+    _kill_pack_at(monkeypatch, 9, lambda: run_lm_packed(cfgs, checkpoint_dir=tmp_path / "c", **kw))
     for a, b in zip(packed, run_lm_packed(cfgs, checkpoint_dir=tmp_path / "c", **kw)):
         assert a["history"] == b["history"]
         assert {k: a["metrics"][k] for k in ("best_epoch", "dev_loss_per_epoch", "test_acc")} == \
