@@ -70,8 +70,9 @@ def test_real_cpu_is_a_labelled_subset_of_real(real):
 def test_existing_profiles_job_ids_are_unchanged():
     committed = {str(p.relative_to(ROOT / "paper_repro" / "results" / "lm").with_suffix(""))
                  for p in (ROOT / "paper_repro" / "results" / "lm").rglob("*.json") if "checkpoints" not in p.parts}
-    assert committed == {j.job_id for j in jobs_for("cpu")} and len(committed) == 13  # the ids the files carry
-    assert not committed & {j.job_id for j in jobs_for("real")}
+    cpu, real = {j.job_id for j in jobs_for("cpu")}, {j.job_id for j in jobs_for("real")}
+    assert len(cpu) == 13 and cpu <= committed  # the cpu profile's files still carry its ids
+    assert committed <= cpu | real and not cpu & real  # every other committed result is a run of the real study
     assert len(jobs_for("gpu")) == 1175 and len(jobs_for("smoke")) == 2
 
 
