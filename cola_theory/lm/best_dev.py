@@ -39,9 +39,8 @@ def dev_loss(model: nn.Module, tokenizer: Any, examples: list, batch_size: int, 
              pad_to_multiple_of: int | None = None) -> float:
     """Mean candidate cross-entropy over `examples` (eval mode, no gradient), MeZO's train_as_classification
     loss: the eval loss the HF Trainer ranks checkpoints by."""
-    scores = scoring.score_examples(model, tokenizer, examples, batch_size, max_length, pad_to_multiple_of)
-    labels = torch.tensor([ex.label for ex in examples])
-    return float(scoring.classification_loss(scores, labels))
+    return scoring.mean_loss(scoring.score_examples(model, tokenizer, examples, batch_size, max_length,
+                                                   pad_to_multiple_of), examples)
 
 
 class BestDev:

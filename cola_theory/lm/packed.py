@@ -16,7 +16,6 @@ the others go on.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -114,12 +113,12 @@ class PackedChainBackend:
 
     def __init__(self, model: nn.Module, cfgs: Sequence[ChainConfig], batch_fn: Callable[[int], list[CandidateBatch]],
                  *, target_modules: Sequence[str] | str = ("q_proj", "v_proj"), pad_id: int = 0,
-                 device: str | torch.device | None = None, autocast_dtype: torch.dtype | None = None) -> None:
+                 device: str | torch.device | None = None) -> None:
         check_packable(cfgs)
         self.cfgs, self.K = list(cfgs), len(cfgs)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
-        self.batch_fn, self.pad_id, self.autocast_dtype = batch_fn, pad_id, autocast_dtype
+        self.batch_fn, self.pad_id = batch_fn, pad_id
         self.target_modules = target_modules
         self.layers: list[tuple[str, PackedLoRALinear]] = []
         self.optimizer: StackedAdam | None = None
@@ -172,8 +171,7 @@ class PackedChainBackend:
         merged, sizes = merge_batches(self.batch_fn(self.t), self.pad_id)
         self.model.train()
         self.optimizer.zero_grad()
-        with self._autocast():
-            scores = candidate_logprobs(self.model, merged)
+        scores = candidate_logprobs(self.model, merged)
         losses = per_run_loss(scores, merged["labels"], sizes)  # (K,)
         stepping = self.alive & torch.isfinite(losses.detach())
         torch.where(stepping, losses, torch.zeros_like(losses)).sum().backward()
@@ -262,11 +260,6 @@ class PackedChainBackend:
                 p.requires_grad_(flag)
             self.layers, self.optimizer, self._grad_flags = [], None, []
         return self.model
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     # -- checkpoints (the KnotCheckpointer protocol) -------------------------------------------------
     def _config_json(self) -> list[dict[str, Any]]:

@@ -108,14 +108,6 @@ def packed_scores(model: torch.nn.Module, encode: _Encoder, examples: Sequence[S
     return outs
 
 
-def packed_accuracy(model: torch.nn.Module, encode: _Encoder, examples: Sequence[Sequence[Example]],
-                    batch_size: int, pad_id: int, max_length: int) -> list[float]:
-    """Each run's accuracy (argmax of the mean log-probabilities, as `scoring.evaluate_accuracy`)."""
-    scores = packed_scores(model, encode, examples, batch_size, pad_id, max_length)
-    return [float((scoring.predict(s) == torch.tensor([ex.label for ex in exs])).float().mean())
-            for s, exs in zip(scores, examples)]
-
-
 def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | None] | None = None, *,
                   data_dir: str | None = None, model_bundle: tuple | None = None, device: str | None = None,
                   checkpoint_dir: str | Path | None = None, split_validation_as_train: bool = False,
@@ -154,15 +146,17 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
         return [scoring.collate([tr[i] for i in idx(t)], pad_id=pad_id, pad_limit=c0.max_length)
                 for tr, (idx, _) in zip(train, plans)]
 
+    def evaluate(split: str, runs: list[int], metric) -> list[float]:
+        """metric(scores, examples) of each run's `split`, scored in packed forwards (as score_examples)."""
+        examples = [samples[k][split] for k in runs]
+        scores = packed_scores(model, encode, examples, c0.eval_batch_size, pad_id, c0.max_length) if runs else []
+        return [metric(s, exs) for s, exs in zip(scores, examples)]
+
     def dev_losses(runs: list[int]) -> list[float]:
-        scores = packed_scores(model, encode, [samples[k]["dev"] for k in runs], c0.eval_batch_size, pad_id,
-                               c0.max_length)
-        return [float(scoring.classification_loss(s, torch.tensor([ex.label for ex in samples[k]["dev"]])))
-                for s, k in zip(scores, runs)]
+        return evaluate("dev", runs, scoring.mean_loss)
 
     def accuracies(split: str, runs: list[int]) -> list[float]:
-        return packed_accuracy(model, encode, [samples[k][split] for k in runs], c0.eval_batch_size, pad_id,
-                               c0.max_length) if runs else []
+        return evaluate(split, runs, scoring.accuracy)
 
     metrics: list[dict[str, Any]] = [
         {**base_metrics(note, s, steps_per_epoch, chain_cfgs[0].total_steps),

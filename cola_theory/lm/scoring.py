@@ -215,6 +215,14 @@ def evaluate_accuracy(model: torch.nn.Module, tokenizer: Any, examples: Sequence
     """Accuracy of argmax-of-mean-log-prob predictions (MeZO's metric, MultiRC per answer), without gradients."""
     if not examples:
         raise ValueError("evaluate_accuracy needs at least one example")
-    preds = predict(score_examples(model, tokenizer, examples, batch_size, max_length, pad_to_multiple_of))
-    gold = torch.tensor([ex.label for ex in examples])
-    return float((preds == gold).float().mean())
+    return accuracy(score_examples(model, tokenizer, examples, batch_size, max_length, pad_to_multiple_of), examples)
+
+
+def accuracy(scores: Tensor, examples: Sequence[Example]) -> float:
+    """Share of `examples` whose best-scoring candidate (`predict`) is the label; scores (n, max_candidates)."""
+    return float((predict(scores) == torch.tensor([ex.label for ex in examples])).float().mean())
+
+
+def mean_loss(scores: Tensor, examples: Sequence[Example]) -> float:
+    """The classification loss of `examples` from their candidate scores (the eval loss best_dev ranks by)."""
+    return float(classification_loss(scores, torch.tensor([ex.label for ex in examples])))
