@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from paper_repro.lm import stats
+from paper_repro.lm import epochs, stats
 from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
 
 RUN = "python paper_repro/run_all.py"
@@ -84,6 +84,9 @@ def load_study(results_dir: Path, jobs: list | None = None,
                      "seed": int(cfg["seed"]), "lr": float(cfg["lr"]), "dev_acc": _pct(m, "dev_acc"),
                      "test_acc": _pct(m, "test_acc"), "zero_shot_acc": _pct(m, "zero_shot_test_acc"),
                      "status": m.get("status", "unknown"), "best_epoch": m.get("best_epoch"),
+                     "dev_loss_per_epoch": m.get("dev_loss_per_epoch"),
+                     "knot_epochs": epochs.knot_epochs(cfg, m.get("steps_per_epoch")),
+                     "first_knot_epoch": epochs.first_knot_epoch(cfg, m.get("steps_per_epoch")),
                      "validation_as_train": bool(cfg.get("split_validation_as_train", False)),
                      "restart_warmup_steps": (cfg.get("chain_overrides") or {}).get("restart_warmup_steps"),
                      "created": str(payload["meta"].get("created_at", ""))})
@@ -348,6 +351,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                                   for t in main["task"]]
     t4 = table4(sel, REAL_TASKS)
     f3 = fig3_table(sel, STEPDOWN_TASKS, STEPDOWN_RANKS)
+    gaps = epochs.dev_loss_gaps(runs, COLA3, LORA, REAL_TASKS)
+    knots = runs[runs["variant"] == COLA3].groupby("task")["knot_epochs"].first().map(list).to_dict()
     for name, frame, caption, plot in (
             ("table_real_main", main, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std over "
              "seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
@@ -359,11 +364,19 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
             ("fig3_real_rank_stepdown", f3, "Figure 3 analogue: rank 8 for 3 epochs, then r for 2, vs LoRA r=8",
              lambda d: plot_lines(d, [f"r={r}" for r in STEPDOWN_RANKS], list(STEPDOWN_RANKS), fig_dir,
                                   "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
-                                  baseline="LoRA r=8"))):
+                                  baseline="LoRA r=8")),
+            ("table_real_best_epoch", epochs.best_epoch_table(runs, tuple(dict.fromkeys(
+                [LORA, COLA3, *sorted(set(runs["variant"]))])), REAL_TASKS),
+             "Which epoch MeZO's best-dev-loss rule selects (runs per epoch); a chain selected at or before its "
+             "first knot is its LoRA pair exactly", None),
+            ("table_real_dev_loss_gaps", epochs.gap_table(gaps, COLA3, LORA),
+             "Dev loss per epoch, COLA-3 - LoRA at the same task, seed and LR: mean [95% bootstrap CI] (* = after "
+             "COLA-3's first knot; lower is better for COLA-3)",
+             lambda d: epochs.plot_dev_loss(gaps, knots, fig_dir, COLA3, LORA))):
         if frame is None or frame.empty:
             parts.append(f"\n### {caption}\n\nno results yet.\n")
             continue
-        num = comp if name == "table_real_comparisons" else frame
+        num = {"table_real_comparisons": comp, "table_real_dev_loss_gaps": gaps}.get(name, frame)
         files += _write(_shown(frame), num, name, tdir, caption)
         made = plot(frame) if plot else []
         if name == "table_real_comparisons":

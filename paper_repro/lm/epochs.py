@@ -1,0 +1,142 @@
+"""Where a chain can differ from LoRA: the epoch that MeZO's rule selects and the dev loss per epoch.
+
+Up to its first knot a COLA run IS its LoRA pair: same seed (same sample, same first A, same batches), same LR
+schedule (one linear decay over the whole run), and a knot preserves the network's outputs. So under MeZO's
+best-dev-loss selection a chain's test accuracy can differ from LoRA's only when the selected epoch ends after
+the first knot. Two diagnostics, pure functions of the saved per-epoch dev losses (`metrics.dev_loss_per_epoch`):
+
+- `best_epoch_table`: per (task, variant), how often each epoch is selected, and how many of the chain's runs
+  were selected at or before the first knot (where the chain is LoRA exactly).
+- `dev_loss_gaps`: per (task, epoch), the paired dev-loss difference treatment - control at the SAME task, seed
+  and LR (no LR selection: this isolates what the chain does to training, not what the grid picks). The LRs of
+  one seed share its data sample, so each seed is one unit (its mean difference over the LRs); the mean over
+  seeds gets a 95% percentile bootstrap interval over seeds (`stats.bootstrap_ci`). Epochs after the first knot
+  are marked. A dev loss is an average over the dev examples of -log p(correct candidate), lower is better.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cola_theory.config import knots_from_epochs
+from paper_repro.lm import stats
+from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
+
+
+def knot_epochs(cfg: dict, steps_per_epoch: int | None) -> tuple[float, ...]:
+    """The epochs (fractional: the optimizer step where each is tied, over the steps per epoch) of a chain's
+    knots inside the run; () for LoRA or a one-link chain, and nan for each when the steps per epoch are unknown."""
+    n = int(cfg.get("n_links", 1))
+    per_link = tuple(cfg.get("link_epochs") or ()) or (float(cfg["epochs"]) / n,) * n
+    if cfg.get("method") == "lora" or len(per_link) < 2:
+        return ()
+    if not steps_per_epoch:
+        return (math.nan,) * (len(per_link) - 1)
+    _, knots = knots_from_epochs(per_link, int(steps_per_epoch))
+    return tuple(k / int(steps_per_epoch) for k in knots)
+
+
+def first_knot_epoch(cfg: dict, steps_per_epoch: int | None) -> float:
+    """`knot_epochs`' first, inf when there is none (LoRA: never differs from itself)."""
+    return (knot_epochs(cfg, steps_per_epoch) or (math.inf,))[0]
+
+
+def best_epoch_table(runs: pd.DataFrame, variants: tuple[str, ...], tasks: tuple[str, ...]) -> pd.DataFrame:
+    """Per (task, variant) with best-dev runs: runs, how often each epoch won ('epoch e': count), and for chains
+    'selected ≤ first knot' (runs whose selected epoch ends at or before the first knot: the chain = LoRA)."""
+    rows = []
+    if runs is None or runs.empty or "best_epoch" not in runs:
+        return pd.DataFrame()
+    have = runs[runs["best_epoch"].notna()]
+    lengths = [len(x) for x in have.get("dev_loss_per_epoch", []) if isinstance(x, list | tuple)]
+    n_epochs = max([int(have["best_epoch"].max()) if len(have) else 0, *lengths])
+    for task in tasks:
+        for variant in variants:
+            g = have[(have["task"] == task) & (have["variant"] == variant)]
+            if g.empty:
+                continue
+            best = g["best_epoch"].astype(int)
+            row = {"task": task, "variant": variant, "runs": len(g)}
+            row.update({f"epoch {e}": int((best == e).sum()) for e in range(1, n_epochs + 1)})
+            knot = g["first_knot_epoch"].astype(float)
+            known = knot.notna()
+            if np.isinf(knot).all():  # LoRA, one-link chains: no knot inside the run
+                row["first knot (epoch)"] = row["selected ≤ first knot"] = "-"
+            else:
+                row["first knot (epoch)"] = f"{knot[known].min():.2f}" if known.any() else "unknown"
+                row["selected ≤ first knot"] = (f"{int((best[known] <= knot[known] + 1e-9).sum())} of "
+                                                f"{int(known.sum())}")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
+    """Per (task, epoch): n_pairs, the mean dev loss of each arm, the mean paired difference treatment - control
+    with its 95% bootstrap interval, and whether the epoch ends after the treatment's first knot. Pairs: the
+    same (task, seed, lr) in both arms, with a dev loss at every epoch."""
+    cols = ["task", "epoch", "after_first_knot", "n_pairs", "n_seeds", "control_loss", "treatment_loss",
+            "mean_diff", "ci_lo", "ci_hi"]
+    if runs is None or runs.empty or "dev_loss_per_epoch" not in runs:
+        return pd.DataFrame(columns=cols)
+    have = runs[runs["dev_loss_per_epoch"].map(lambda x: isinstance(x, list | tuple) and len(x) > 0)]
+    keys = ["task", "seed", "lr"]
+    t = have[have["variant"] == treatment][[*keys, "dev_loss_per_epoch", "first_knot_epoch"]]
+    c = have[have["variant"] == control][[*keys, "dev_loss_per_epoch"]]
+    both = t.merge(c, on=keys, suffixes=("_t", "_c"))
+    rows = []
+    for task in tasks:
+        g = both[both["task"] == task]
+        g = g[[len(a) == len(b) for a, b in zip(g["dev_loss_per_epoch_t"], g["dev_loss_per_epoch_c"])]]
+        if g.empty:
+            continue
+        lt = np.array(g["dev_loss_per_epoch_t"].tolist(), dtype=float)  # (pairs, epochs)
+        lc = np.array(g["dev_loss_per_epoch_c"].tolist(), dtype=float)
+        knot = float(g["first_knot_epoch"].min())
+        seeds = g["seed"].to_numpy()
+        for e in range(lt.shape[1]):
+            d = lt[:, e] - lc[:, e]
+            # the LRs of one seed share its sample: one unit per seed (its mean over LRs), seeds resampled
+            units = np.array([d[seeds == s].mean() for s in np.unique(seeds)])
+            lo, hi = stats.bootstrap_ci([units]) if units.size >= 2 else (math.nan, math.nan)
+            rows.append({"task": task, "epoch": e + 1, "after_first_knot": bool(e + 1 > knot + 1e-9),
+                         "n_pairs": int(d.size), "n_seeds": int(units.size), "control_loss": float(lc[:, e].mean()),
+                         "treatment_loss": float(lt[:, e].mean()), "mean_diff": float(units.mean()), "ci_lo": lo,
+                         "ci_hi": hi})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def gap_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataFrame:
+    """Display form of `dev_loss_gaps`: one row per task, one column per epoch, 'diff [lo, hi]'; a '*' marks the
+    epochs after the first knot (where the chain can differ)."""
+    rows = []
+    for task, g in gaps.groupby("task", sort=False):
+        row = {"task": task, "pairs (seeds)": f"{int(g['n_pairs'].max())} ({int(g['n_seeds'].max())})"}
+        for _, r in g.iterrows():
+            ci = f" [{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]" if math.isfinite(r["ci_lo"]) else ""
+            row[f"epoch {r['epoch']}" + ("*" if r["after_first_knot"] else "")] = f"{r['mean_diff']:+.3f}{ci}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_dev_loss(gaps: pd.DataFrame, knots: dict[str, list[float]], fig_dir: Path, treatment: str, control: str,
+                  name: str = "fig_real_dev_loss_per_epoch") -> list[Path]:
+    """One panel per task: mean dev loss per epoch of both arms over their (seed, LR) pairs, the treatment's
+    knots as dotted vertical lines."""
+    if gaps is None or gaps.empty:
+        return []
+    tasks = list(dict.fromkeys(gaps["task"]))
+    fig, axes = new_figure(1, len(tasks), width=2.8, height=2.4)
+    for ax, task in zip(axes[0], tasks):
+        g = gaps[gaps["task"] == task]
+        for arm, col in ((control, "control_loss"), (treatment, "treatment_loss")):
+            ax.plot(g["epoch"], g[col], marker="o", color=method_color(arm.split("-")[0]), label=arm)
+        for k in knots.get(task, []):
+            ax.axvline(k, **{**BOUND_STYLE, "linestyle": ":"})
+        ax.set(title=f"{task} ({int(g['n_pairs'].max())} pairs)", xlabel="epoch", ylabel="dev loss",
+               xticks=list(g["epoch"]))
+    axes[0][0].legend(title="dotted: knots")
+    return savefig(fig, name, fig_dir)

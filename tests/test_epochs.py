@@ -1,0 +1,106 @@
+"""Where a chain can differ from LoRA (paper_repro.lm.epochs): knots in epochs, selected epochs, per-epoch gaps."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cola_theory.lm.run_config import LMRunConfig  # noqa: E402
+from cola_theory.results import save_result  # noqa: E402
+from paper_repro.lm import epochs, study  # noqa: E402
+from paper_repro.lm.profiles import jobs_for  # noqa: E402
+
+
+def test_knot_epochs_are_the_chain_schedules_knots_over_the_steps_per_epoch():
+    for cfg in (LMRunConfig(task="sst2", method="cola", n_links=3, epochs=5.0),
+                LMRunConfig(task="sst2", method="cola", n_links=5, epochs=5.0),
+                LMRunConfig(task="rte", method="cola", rank=(8, 2), link_epochs=(3.0, 2.0), epochs=5.0)):
+        for spe in (125, 7):
+            want = tuple(k / spe for k in cfg.chain_config(spe).knots)  # independent: the engine's own schedule
+            assert epochs.knot_epochs(cfg.to_dict(), spe) == pytest.approx(want)
+    assert epochs.knot_epochs(LMRunConfig(task="sst2", method="cola", n_links=3).to_dict(), 125) == \
+        pytest.approx((208 / 125, 417 / 125))  # round(5/3 * 125), round(10/3 * 125)
+    assert epochs.knot_epochs(LMRunConfig(task="sst2", method="lora").to_dict(), 125) == ()
+    assert epochs.first_knot_epoch(LMRunConfig(task="sst2", method="lora").to_dict(), 125) == math.inf
+    assert math.isnan(epochs.first_knot_epoch(LMRunConfig(task="sst2", method="cola", n_links=3).to_dict(), None))
+
+
+def _runs(rows: list[tuple]) -> pd.DataFrame:
+    """(task, variant, seed, lr, best_epoch, dev losses, first knot) -> the columns `study.load_study` gives."""
+    return pd.DataFrame([{"task": t, "variant": v, "seed": s, "lr": lr, "best_epoch": b, "dev_loss_per_epoch": d,
+                          "first_knot_epoch": k} for t, v, s, lr, b, d, k in rows])
+
+
+def test_best_epoch_table_counts_the_selected_epochs_and_the_runs_that_equal_lora():
+    inf = math.inf
+    runs = _runs([("rte", "LoRA", 0, 1e-3, 1, [1.0] * 5, inf), ("rte", "LoRA", 1, 1e-3, 4, [1.0] * 5, inf),
+                  ("rte", "COLA-3", 0, 1e-3, 1, [1.0] * 5, 5 / 3), ("rte", "COLA-3", 1, 1e-3, 2, [1.0] * 5, 5 / 3),
+                  ("rte", "COLA-3", 2, 1e-3, 5, [1.0] * 5, 5 / 3), ("rte", "COLA-5", 0, 1e-3, 1, [1.0] * 5, 1.0),
+                  ("wsc", "LoRA", 0, 1e-3, None, None, inf)])  # no best-dev selection: left out
+    t = epochs.best_epoch_table(runs, ("LoRA", "COLA-3", "COLA-5"), ("rte", "wsc")).set_index("variant")
+    assert list(t.index) == ["LoRA", "COLA-3", "COLA-5"]  # wsc has no best-dev run
+    assert t.loc["LoRA", ["epoch 1", "epoch 2", "epoch 3", "epoch 4", "epoch 5"]].tolist() == [1, 0, 0, 1, 0]
+    assert t.loc["LoRA", "selected ≤ first knot"] == "-"
+    assert t.loc["COLA-3", ["runs", "epoch 1", "epoch 2", "epoch 5"]].tolist() == [3, 1, 1, 1]
+    assert t.loc["COLA-3", "selected ≤ first knot"] == "1 of 3" and t.loc["COLA-3", "first knot (epoch)"] == "1.67"
+    assert t.loc["COLA-5", "selected ≤ first knot"] == "1 of 1"  # epoch 1 ends exactly at the knot: same model
+
+
+def test_dev_loss_gaps_pair_same_seed_and_lr_and_treat_a_seed_as_one_unit():
+    base = np.array([0.5, 0.4, 0.45, 0.5, 0.55])
+    planted = np.array([0.0, 0.01, -0.02, -0.04, -0.06])  # COLA-3 - LoRA at each epoch
+    rows = []
+    for seed, lift in ((0, 0.0), (1, 0.1), (2, -0.05)):
+        for lr, extra in ((1e-3, 0.0), (5e-4, 0.02)):
+            c = base + lift + extra
+            t = c + planted + (0.01 * (seed - 1) if lr == 1e-3 else 0.0)  # seed-level noise on one LR
+            rows += [("sst2", "LoRA", seed, lr, 1, list(c), math.inf), ("sst2", "COLA-3", seed, lr, 1, list(t), 5 / 3)]
+    rows.append(("sst2", "COLA-3", 3, 1e-4, 1, [9.0] * 5, 5 / 3))  # no LoRA pair: left out
+    rows.append(("sst2", "LoRA", 2, 1e-4, 1, [9.0] * 5, math.inf))  # no COLA-3 pair at this LR: left out
+    g = epochs.dev_loss_gaps(_runs(rows), "COLA-3", "LoRA", ("sst2", "rte"))
+    assert list(g["task"].unique()) == ["sst2"] and list(g["epoch"]) == [1, 2, 3, 4, 5]
+    assert (g["n_pairs"] == 6).all() and (g["n_seeds"] == 3).all()
+    assert list(g["after_first_knot"]) == [False, True, True, True, True]
+    # per seed: mean over its 2 LRs = planted + 0.005 * (seed - 1); over seeds 0, 1, 2 the noise averages to 0
+    np.testing.assert_allclose(g["mean_diff"], planted, atol=1e-12)
+    units = np.array([[p + 0.005 * (s - 1) for s in range(3)] for p in planted])
+    for (_, r), u in zip(g.iterrows(), units):
+        assert r["ci_lo"] >= u.min() - 1e-12 and r["ci_hi"] <= u.max() + 1e-12  # a bootstrap of the seed means
+    assert g["ci_hi"].iloc[0] - g["ci_lo"].iloc[0] > 0.002  # seeds, not pairs, are resampled: spread is kept
+    table = epochs.gap_table(g, "COLA-3", "LoRA")
+    assert list(table.columns) == ["task", "pairs (seeds)", "epoch 1", "epoch 2*", "epoch 3*", "epoch 4*", "epoch 5*"]
+    assert table["pairs (seeds)"].iloc[0] == "6 (3)" and table["epoch 5*"].iloc[0].startswith("-0.060 [")
+
+
+def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
+    """Through the real loader: per-epoch dev losses and steps per epoch from the metrics, the knots from the config."""
+    results, fig = tmp_path / "results", tmp_path / "fig"
+    n = 0
+    for job in jobs_for("real"):
+        c = job.cfg
+        if c.task != "sst2" or study.variant_label(c.to_dict()) not in ("LoRA", "COLA-3") or c.seed > 2:
+            continue
+        cola = c.method == "cola"
+        losses = [0.40, 0.42 - 0.01 * cola, 0.45 - 0.02 * cola, 0.5 - 0.03 * cola, 0.55 - 0.04 * cola]
+        best = 1 if c.lr >= 5e-4 else 3  # small LRs peak later: after COLA-3's first knot
+        m = {"status": "finished", "test_acc": 0.8, "dev_acc": 0.8, "best_epoch": best, "steps_per_epoch": 125,
+             "dev_loss_per_epoch": losses}
+        save_result(job.result_path(results), config={**c.to_dict(), "chain": {}}, history=[], metrics=m,
+                    meta={"created_at": "2026-12-01T00:00:00Z", "device": "test"})
+        n += 1
+    assert n == 2 * 3 * 5  # 2 variants x 3 seeds x 5 LRs
+    files: list[Path] = []
+    (_, text), = study.report_section(results, fig, files, log=lambda m: None)[0]
+    assert "| sst2 | COLA-3 | 15 | 9 | 0 | 6 | 0 | 0 | 1.66 | 9 of 15 |" in text
+    assert "| sst2 | 15 (3) | +0.000 [+0.000, +0.000] | -0.010 [-0.010, -0.010] |" in text
+    gaps = pd.read_csv(fig / "tables" / "table_real_dev_loss_gaps.csv")
+    np.testing.assert_allclose(gaps["mean_diff"], [0.0, -0.01, -0.02, -0.03, -0.04], atol=1e-12)
+    assert (fig / "fig_real_dev_loss_per_epoch.png").stat().st_size > 1000
