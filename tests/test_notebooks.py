@@ -69,6 +69,17 @@ def lm_resources_present() -> bool:
     return data is not None and (data / "sst2" / "train.jsonl").exists() and (data / "sst2" / "val.jsonl").exists()
 
 
+def committed_real_pairs() -> bool:
+    """True when the committed results hold a COLA-3 run of the `real` profile and its LoRA pair."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from paper_repro.lm import epochs, study
+
+    runs, _ = study.load_study(ROOT / "paper_repro" / "results", warn=lambda m: None)
+    return not runs.empty and not epochs.dev_loss_gaps(runs, study.COLA3, study.LORA, ("sst2", "rte")).empty
+
+
 def test_notebooks_are_committed_without_outputs():
     paths = sorted(NB_DIR.glob("*.ipynb"))
     assert len(paths) >= 4, paths
@@ -104,6 +115,8 @@ def test_notebook_runs(path: Path, results: str | None, tmp_path: Path, monkeypa
     if results == "no_data":
         assert "SKIP:" in text and "sst2" in text
     if results == "empty":
-        assert "missing T1" in text and "no LM results" in text
+        assert "missing T1" in text and "no LM results" in text and "no `real` runs" in text
+    if path.name.startswith("04_") and results is None and committed_real_pairs():
+        assert "before the first knot COLA-3 = LoRA in all" in text  # the invariant was checked on real runs
     if results == "fixtures":
         assert "worst ratio" in text and "LoRA vs COLA" in text  # partial: T1 CSV + fixture LM runs

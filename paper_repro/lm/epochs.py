@@ -45,6 +45,12 @@ def first_knot_epoch(cfg: dict, steps_per_epoch: int | None) -> float:
     return (knot_epochs(cfg, steps_per_epoch) or (math.inf,))[0]
 
 
+def knots_per_task(runs: pd.DataFrame, variant: str) -> dict[str, list[float]]:
+    """task -> the knot epochs of `variant` (the same for every run of a task: its steps per epoch are fixed)."""
+    g = runs[runs["variant"] == variant] if runs is not None and len(runs) else pd.DataFrame()
+    return {} if g.empty else g.groupby("task")["knot_epochs"].first().map(list).to_dict()
+
+
 def best_epoch_table(runs: pd.DataFrame, variants: tuple[str, ...], tasks: tuple[str, ...]) -> pd.DataFrame:
     """Per (task, variant) with best-dev runs: runs, how often each epoch won ('epoch e': count), and for chains
     'selected ≤ first knot' (runs whose selected epoch ends at or before the first knot: the chain = LoRA)."""

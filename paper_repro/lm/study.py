@@ -352,7 +352,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     t4 = table4(sel, REAL_TASKS)
     f3 = fig3_table(sel, STEPDOWN_TASKS, STEPDOWN_RANKS)
     gaps = epochs.dev_loss_gaps(runs, COLA3, LORA, REAL_TASKS)
-    knots = runs[runs["variant"] == COLA3].groupby("task")["knot_epochs"].first().map(list).to_dict()
+    knots = epochs.knots_per_task(runs, COLA3)
     for name, frame, caption, plot in (
             ("table_real_main", main, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std over "
              "seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
