@@ -91,7 +91,8 @@ def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
         cola = c.method == "cola"
         losses = [0.40, 0.42 - 0.01 * cola, 0.45 - 0.02 * cola, 0.5 - 0.03 * cola, 0.55 - 0.04 * cola]
         best = 1 if c.lr >= 5e-4 else 3  # small LRs peak later: after COLA-3's first knot
-        m = {"status": "finished", "test_acc": 0.8, "dev_acc": 0.8, "best_epoch": best, "steps_per_epoch": 125,
+        test = 0.8 + (0.01 if cola and best == 3 else 0.0)  # the chain wins only where it can differ
+        m = {"status": "finished", "test_acc": test, "dev_acc": 0.8, "best_epoch": best, "steps_per_epoch": 125,
              "dev_loss_per_epoch": losses}
         save_result(job.result_path(results), config={**c.to_dict(), "chain": {}}, history=[], metrics=m,
                     meta={"created_at": "2026-12-01T00:00:00Z", "device": "test"})
@@ -104,3 +105,28 @@ def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
     gaps = pd.read_csv(fig / "tables" / "table_real_dev_loss_gaps.csv")
     np.testing.assert_allclose(gaps["mean_diff"], [0.0, -0.01, -0.02, -0.03, -0.04], atol=1e-12)
     assert (fig / "fig_real_dev_loss_per_epoch.png").stat().st_size > 1000
+    assert "| sst2 | 0.001 | 3 | 80.00 | 80.00 | +0.00 [+0.00, +0.00] | 0/0/3 | 0 of 3 |" in text
+    assert "| sst2 | 0.0001 | 3 | 80.00 | 81.00 | +1.00 [+1.00, +1.00] | 3/0/0 | 3 of 3 |" in text
+    fixed = pd.read_csv(fig / "tables" / "table_real_fixed_lr.csv")
+    assert list(fixed["lr"]) == [1e-3, 8e-4, 5e-4, 1e-4, 5e-5] and (fixed["n_pairs"] == 3).all()
+
+
+def test_fixed_lr_gaps_compare_each_lr_alone_and_count_the_runs_that_can_differ():
+    rows = []
+    for seed in (0, 1, 2):
+        for lr, effect, best in ((1e-3, 0.0, 1), (1e-4, 2.0 + seed, 4)):
+            rows.append({"task": "rte", "variant": "LoRA", "seed": seed, "lr": lr, "test_acc": 60.0 + seed,
+                         "best_epoch": best, "first_knot_epoch": math.inf})
+            rows.append({"task": "rte", "variant": "COLA-3", "seed": seed, "lr": lr, "test_acc": 60.0 + seed + effect,
+                         "best_epoch": best if seed else 1, "first_knot_epoch": 5 / 3})
+    rows.append({"task": "rte", "variant": "COLA-3", "seed": 3, "lr": 1e-4, "test_acc": 99.0, "best_epoch": 5,
+                 "first_knot_epoch": 5 / 3})  # no LoRA pair: left out, also from the counts
+    rows.append({"task": "rte", "variant": "LoRA", "seed": 4, "lr": 1e-4, "test_acc": math.nan, "best_epoch": 5,
+                 "first_knot_epoch": math.inf})  # did not finish: left out
+    g = epochs.fixed_lr_gaps(pd.DataFrame(rows), "COLA-3", "LoRA", ("rte",)).set_index("lr")
+    assert list(g.index) == [1e-3, 1e-4] and (g["n_pairs"] == 3).all()
+    assert g.loc[1e-3, "mean_diff"] == 0.0 and g.loc[1e-3, "n_ties"] == 3 and g.loc[1e-3, "after_knot"] == "0 of 3"
+    assert g.loc[1e-4, "mean_diff"] == pytest.approx(3.0) and g.loc[1e-4, "n_pos"] == 3
+    assert g.loc[1e-4, "ci_lo"] >= 2.0 and g.loc[1e-4, "ci_hi"] <= 4.0  # the bootstrap of the seeds' 2, 3, 4
+    assert g.loc[1e-4, "after_knot"] == "2 of 3"  # seed 0's chain was selected at epoch 1
+    assert g.loc[1e-4, "control_acc"] == pytest.approx(61.0) and g.loc[1e-4, "treatment_acc"] == pytest.approx(64.0)

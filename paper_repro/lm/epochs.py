@@ -146,3 +146,43 @@ def plot_dev_loss(gaps: pd.DataFrame, knots: dict[str, list[float]], fig_dir: Pa
                xticks=list(g["epoch"]))
     axes[0][0].legend(title="dotted: knots")
     return savefig(fig, name, fig_dir)
+
+
+def fixed_lr_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
+    """Per (task, LR), no LR selection: test accuracy treatment - control at the same seed (`stats.compare` on the
+    runs of that LR alone: mean, 95% bootstrap CI over seeds, sign test), with the mean test accuracy of each arm
+    and how many treatment runs selected an epoch after their first knot (only those can differ)."""
+    cols = ["task", "lr", "n_pairs", "control_acc", "treatment_acc", "mean_diff", "ci_lo", "ci_hi", "n_pos",
+            "n_neg", "n_ties", "after_knot"]
+    if runs is None or runs.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for lr in sorted(set(runs["lr"]), reverse=True):
+        at = runs[(runs["lr"] == lr) & np.isfinite(runs["test_acc"].astype(float))]
+        comp = stats.compare(at, treatment, control, tasks=tasks)
+        for _, r in comp[comp["task"] != "pooled"].iterrows():
+            t = at[(at["task"] == r["task"]) & (at["variant"] == treatment)]
+            c = at[(at["task"] == r["task"]) & (at["variant"] == control)]
+            both = set(t["seed"]) & set(c["seed"])
+            t, c = t[t["seed"].isin(both)], c[c["seed"].isin(both)]
+            late = int((t["best_epoch"].astype(float) > t["first_knot_epoch"].astype(float) + 1e-9).sum())
+            rows.append({**{k: r[k] for k in ("task", "n_pairs", "mean_diff", "ci_lo", "ci_hi", "n_pos", "n_neg",
+                                              "n_ties")},
+                         "lr": lr, "control_acc": float(c["test_acc"].mean()),
+                         "treatment_acc": float(t["test_acc"].mean()), "after_knot": f"{late} of {len(t)}"})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def fixed_lr_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataFrame:
+    """Display form of `fixed_lr_gaps`."""
+    def ci(r) -> str:
+        return f"{r['mean_diff']:+.2f}" + (f" [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]" if math.isfinite(r["ci_lo"])
+                                          else "")
+
+    return pd.DataFrame({"task": gaps["task"], "LR": [f"{x:g}" for x in gaps["lr"]], "pairs": gaps["n_pairs"],
+                         control: gaps["control_acc"].map("{:.2f}".format),
+                         treatment: gaps["treatment_acc"].map("{:.2f}".format),
+                         f"{treatment} - {control} [95% CI]": [ci(r) for _, r in gaps.iterrows()],
+                         "sign +/-/tie": [f"{a}/{b}/{c}" for a, b, c in zip(gaps["n_pos"], gaps["n_neg"],
+                                                                           gaps["n_ties"])],
+                         f"{treatment} selected after its first knot": gaps["after_knot"]})

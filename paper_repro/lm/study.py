@@ -353,6 +353,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     f3 = fig3_table(sel, STEPDOWN_TASKS, STEPDOWN_RANKS)
     gaps = epochs.dev_loss_gaps(runs, COLA3, LORA, REAL_TASKS)
     knots = epochs.knots_per_task(runs, COLA3)
+    fixed = epochs.fixed_lr_gaps(runs, COLA3, LORA, REAL_TASKS)
     for name, frame, caption, plot in (
             ("table_real_main", main, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std over "
              "seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
@@ -372,11 +373,14 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
             ("table_real_dev_loss_gaps", epochs.gap_table(gaps, COLA3, LORA),
              "Dev loss per epoch, COLA-3 - LoRA at the same task, seed and LR: mean [95% bootstrap CI] (* = after "
              "COLA-3's first knot; lower is better for COLA-3)",
-             lambda d: epochs.plot_dev_loss(gaps, knots, fig_dir, COLA3, LORA))):
+             lambda d: epochs.plot_dev_loss(gaps, knots, fig_dir, COLA3, LORA)),
+            ("table_real_fixed_lr", epochs.fixed_lr_table(fixed, COLA3, LORA), "At each LR, no LR selection: test "
+             "accuracy (%) COLA-3 - LoRA at the same seed (a diagnostic beside the dev-selected verdicts)", None)):
         if frame is None or frame.empty:
             parts.append(f"\n### {caption}\n\nno results yet.\n")
             continue
-        num = {"table_real_comparisons": comp, "table_real_dev_loss_gaps": gaps}.get(name, frame)
+        num = {"table_real_comparisons": comp, "table_real_dev_loss_gaps": gaps, "table_real_fixed_lr": fixed}.get(
+            name, frame)
         files += _write(_shown(frame), num, name, tdir, caption)
         made = plot(frame) if plot else []
         if name == "table_real_comparisons":
