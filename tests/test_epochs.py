@@ -130,3 +130,6 @@ def test_fixed_lr_gaps_compare_each_lr_alone_and_count_the_runs_that_can_differ(
     assert g.loc[1e-4, "ci_lo"] >= 2.0 and g.loc[1e-4, "ci_hi"] <= 4.0  # the bootstrap of the seeds' 2, 3, 4
     assert g.loc[1e-4, "after_knot"] == "2 of 3"  # seed 0's chain was selected at epoch 1
     assert g.loc[1e-4, "control_acc"] == pytest.approx(61.0) and g.loc[1e-4, "treatment_acc"] == pytest.approx(64.0)
+    one = epochs.fixed_lr_gaps(pd.DataFrame(rows[:2]), "COLA-3", "LoRA", ("rte",))  # one pair: no interval
+    assert one["n_pairs"].tolist() == [1] and math.isnan(one["ci_lo"].iloc[0])
+    assert epochs.fixed_lr_table(one, "COLA-3", "LoRA")["COLA-3 - LoRA [95% CI]"].tolist() == ["+0.00"]

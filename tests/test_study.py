@@ -167,3 +167,12 @@ def test_full_report_has_the_section_and_keeps_the_real_runs_out_of_the_cpu_tabl
     assert "| real: SmolLM2-135M, COLA-3 vs LoRA pooled over tasks | **supported** |" in report
     assert not (tmp_path / "tables" / "table_cpu_smollm2.md").exists()  # real results are not the cpu profile's
     assert not math.isnan(pd.read_csv(tmp_path / "tables" / "table_real_table4.csv")["mean_length 2"].iloc[0])
+
+
+def test_deviations_say_when_some_cells_lack_an_lr():
+    runs = pd.DataFrame([{"task": "sst2", "variant": v, "seed": s, "lr": lr, "best_epoch": 1}
+                         for v in ("LoRA", "COLA-3") for s in (0, 1) for lr in ((1e-3, 1e-4) if s == 0 else (1e-3,))])
+    assert "only 2 of 4 (task, variant, seed) cells have every LR of {0.001, 0.0001}" in study.deviations(runs)
+    assert "2 of 4 cells have every LR" in study.deviations(runs, short=True)
+    even = runs[runs["lr"] == 1e-3]
+    assert not any("cells have every LR" in d for d in study.deviations(even))

@@ -170,6 +170,8 @@ def fixed_lr_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
                                               "n_ties")},
                          "lr": lr, "control_acc": float(c["test_acc"].mean()),
                          "treatment_acc": float(t["test_acc"].mean()), "after_knot": f"{late} of {len(t)}"})
+            if r["n_pairs"] < 2:  # one pair has no interval
+                rows[-1]["ci_lo"] = rows[-1]["ci_hi"] = math.nan
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -236,6 +236,11 @@ def deviations(runs: pd.DataFrame, short: bool = False) -> list[str]:
                if lrs == list(LR_GRID) else
                (f"LR chosen on dev per (task, variant, seed) among {some} only (paper grid {grid})",
                 f"LR grid {some} only"))
+    cells = runs.groupby(["task", "variant", "seed"])["lr"].agg(frozenset)
+    if cells.nunique() > 1:  # some (task, variant, seed) cells lack an LR of the others
+        full = int((cells == frozenset(lrs)).sum())
+        out.append((f"only {full} of {len(cells)} (task, variant, seed) cells have every LR of {some}",
+                    f"{full} of {len(cells)} cells have every LR"))
     seeds = sorted(set(runs["seed"]))
     out.append((f"seeds {', '.join(map(str, seeds))} (paper: 5 seeds, values [U])",
                 None if seeds == list(PAPER_SEEDS) else f"seeds {', '.join(map(str, seeds))} only"))
