@@ -84,6 +84,11 @@ def normalise_chain_overrides(value: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(out.items()))
 
 
+def epochs_per_link(epochs: float, n_links: int, link_epochs: tuple[float, ...] = ()) -> tuple[float, ...]:
+    """The epochs of each link: `link_epochs` when given, else equal shares of `epochs`."""
+    return tuple(link_epochs) or (float(epochs) / n_links,) * n_links
+
+
 @dataclass(frozen=True)
 class LMRunConfig:
     """One fine-tuning run (one row-seed-lr cell of Table 1/2/4 or Figure 3)."""
@@ -174,8 +179,7 @@ class LMRunConfig:
 
     def chain_config(self, steps_per_epoch: int) -> ChainConfig:
         """The chain schedule: links of `link_epochs` (or equal shares of `epochs`) in optimizer steps."""
-        per_link = self.link_epochs or (self.epochs / self.n_links,) * self.n_links
-        T, knots = knots_from_epochs(per_link, steps_per_epoch)
+        T, knots = knots_from_epochs(epochs_per_link(self.epochs, self.n_links, self.link_epochs), steps_per_epoch)
         return ChainConfig(total_steps=T, knots=knots, n_links=self.n_links, rank=self.rank, alpha=self.alpha,
                            lr=self.lr, lr_schedule=self.lr_schedule, optimizer_reset=self.optimizer_reset,
                            weight_decay=self.weight_decay, seed=self.seed, **dict(self.chain_overrides))

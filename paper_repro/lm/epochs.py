@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from cola_theory.config import knots_from_epochs
+from cola_theory.lm.run_config import epochs_per_link
 from paper_repro.lm import stats
 from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
 
@@ -30,8 +31,7 @@ from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefi
 def knot_epochs(cfg: dict, steps_per_epoch: int | None) -> tuple[float, ...]:
     """The epochs (fractional: the optimizer step where each is tied, over the steps per epoch) of a chain's
     knots inside the run; () for LoRA or a one-link chain, and nan for each when the steps per epoch are unknown."""
-    n = int(cfg.get("n_links", 1))
-    per_link = tuple(cfg.get("link_epochs") or ()) or (float(cfg["epochs"]) / n,) * n
+    per_link = epochs_per_link(cfg["epochs"], int(cfg.get("n_links", 1)), tuple(cfg.get("link_epochs") or ()))
     if cfg.get("method") == "lora" or len(per_link) < 2:
         return ()
     if not steps_per_epoch:
@@ -159,17 +159,15 @@ def fixed_lr_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
     rows = []
     for lr in sorted(set(runs["lr"]), reverse=True):
         at = runs[(runs["lr"] == lr) & np.isfinite(runs["test_acc"].astype(float))]
-        comp = stats.compare(at, treatment, control, tasks=tasks)
+        comp, pairs = stats.compare(at, treatment, control, tasks=tasks), stats.paired(at, treatment, control)
         for _, r in comp[comp["task"] != "pooled"].iterrows():
-            t = at[(at["task"] == r["task"]) & (at["variant"] == treatment)]
-            c = at[(at["task"] == r["task"]) & (at["variant"] == control)]
-            both = set(t["seed"]) & set(c["seed"])
-            t, c = t[t["seed"].isin(both)], c[c["seed"].isin(both)]
+            p = pairs[pairs["task"] == r["task"]]  # the seeds in both arms
+            t = at[(at["task"] == r["task"]) & (at["variant"] == treatment) & at["seed"].isin(p["seed"])]
             late = int((t["best_epoch"].astype(float) > t["first_knot_epoch"].astype(float) + 1e-9).sum())
             rows.append({**{k: r[k] for k in ("task", "n_pairs", "mean_diff", "ci_lo", "ci_hi", "n_pos", "n_neg",
                                               "n_ties")},
-                         "lr": lr, "control_acc": float(c["test_acc"].mean()),
-                         "treatment_acc": float(t["test_acc"].mean()), "after_knot": f"{late} of {len(t)}"})
+                         "lr": lr, "control_acc": float(p["control"].mean()),
+                         "treatment_acc": float(p["treatment"].mean()), "after_knot": f"{late} of {len(t)}"})
             if r["n_pairs"] < 2:  # one pair has no interval
                 rows[-1]["ci_lo"] = rows[-1]["ci_hi"] = math.nan
     return pd.DataFrame(rows, columns=cols)
