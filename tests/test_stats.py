@@ -72,8 +72,25 @@ def test_interval_excludes_zero_when_every_seed_gains_and_verdicts_follow_it():
     assert mixed.iloc[0]["ci_lo"] < 0 < mixed.iloc[0]["ci_hi"]
     assert mixed.iloc[0]["verdict"] == "inconclusive at this scale"
     one = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [5.0]})), "COLA-3")
-    assert one.iloc[0]["verdict"] == "insufficient data"
+    assert one.iloc[0]["verdict"] == "insufficient data" and math.isnan(one.iloc[0]["ci_lo"])
+    assert "pooled" not in set(one["task"])  # no task with 2+ pairs: nothing to pool
     assert stats.verdict(math.nan, math.nan, 5) == "insufficient data"
+
+
+def test_a_single_pair_gets_no_interval_and_stays_out_of_the_pool():
+    # one seed resamples to itself: a zero-width interval would claim a certainty no seed spread supports
+    assert stats.bootstrap_ci([[3.0]]) == pytest.approx((math.nan, math.nan), nan_ok=True)
+    assert stats.bootstrap_ci([[1.0, 2.0], [3.0]]) == pytest.approx((math.nan, math.nan), nan_ok=True)
+    planted = {"sst2": [1.0, -1.0, 0.5], "rte": [6.0]}
+    comp = stats.compare(stats.select_lr_per_seed(runs_from(planted)), "COLA-3")
+    rte, pooled, sst2 = ({r["task"]: r for _, r in comp.iterrows()}[t] for t in ("rte", "pooled", "sst2"))
+    assert rte["n_pairs"] == 1 and rte["mean_diff"] == pytest.approx(6.0) and math.isnan(rte["ci_lo"])
+    assert rte["verdict"] == "insufficient data"
+    # the pool is SST-2 alone: its mean, its interval, its sign test, one task
+    assert pooled["n_tasks"] == 1 and pooled["n_pairs"] == 3 and pooled["mean_diff"] == pytest.approx(0.5 / 3)
+    assert (pooled["ci_lo"], pooled["ci_hi"]) == pytest.approx((sst2["ci_lo"], sst2["ci_hi"]))
+    assert (pooled["n_pos"], pooled["n_neg"]) == (2, 1) and pooled["verdict"] == sst2["verdict"]
+    assert "no interval" in stats.describe(rte)
 
 
 def test_bootstrap_is_seeded_and_matches_scipy_percentile():

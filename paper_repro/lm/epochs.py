@@ -107,7 +107,7 @@ def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
             d = lt[:, e] - lc[:, e]
             # the LRs of one seed share its sample: one unit per seed (its mean over LRs), seeds resampled
             units = np.array([d[seeds == s].mean() for s in np.unique(seeds)])
-            lo, hi = stats.bootstrap_ci([units]) if units.size >= 2 else (math.nan, math.nan)
+            lo, hi = stats.bootstrap_ci([units])  # nan below stats.MIN_PAIRS seeds
             rows.append({"task": task, "epoch": e + 1, "after_first_knot": bool(e + 1 > knot + 1e-9),
                          "n_pairs": int(d.size), "n_seeds": int(units.size), "control_loss": float(lc[:, e].mean()),
                          "treatment_loss": float(lt[:, e].mean()), "mean_diff": float(units.mean()), "ci_lo": lo,
@@ -168,8 +168,6 @@ def fixed_lr_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
                                               "n_ties")},
                          "lr": lr, "control_acc": float(p["control"].mean()),
                          "treatment_acc": float(p["treatment"].mean()), "after_knot": f"{late} of {len(t)}"})
-            if r["n_pairs"] < 2:  # one pair has no interval
-                rows[-1]["ci_lo"] = rows[-1]["ci_hi"] = math.nan
     return pd.DataFrame(rows, columns=cols)
 
 

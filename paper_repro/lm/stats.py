@@ -14,6 +14,10 @@ percent):
   replacement; numpy Generator seeded, so the interval is reproducible). Pooled over tasks: the mean of the
   per-task mean differences (every task weighs the same), resampling seeds WITHIN each task.
   With 5 seeds a percentile interval is narrow (it under-covers); it is a description, not a test.
+- One pair has no interval: resampling a single difference always returns it, a zero-width "interval" that says
+  nothing about seed-to-seed spread. A task with fewer than MIN_PAIRS pairs gets no interval (nan) and the verdict
+  "insufficient data", and the pooled row pools only the tasks that have MIN_PAIRS or more (its n_tasks says how
+  many); the others still appear as their own rows.
 - Sign test: exact two-sided binomial test (scipy.stats.binomtest, p = 1/2) on the signs of the paired
   differences; ties (difference exactly 0) are DROPPED and counted.
 - Verdict from the interval: "supported" (lower bound > 0: the treatment is better), "not supported" (upper
@@ -38,6 +42,7 @@ SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, INSUFFICIENT = (
 VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, INSUFFICIENT)
 LR_RULE = ("LR chosen per (task, variant, seed) by the highest dev accuracy over the grid (ties -> the lower LR)")
 _TOL = 1e-9  # dev accuracies closer than this are a tie
+MIN_PAIRS = 2  # fewer paired seeds than this in a task: no interval, no place in the pooled row
 
 
 def select_lr_per_seed(runs: pd.DataFrame, keys: Sequence[str] = ("task", "variant", "seed")) -> pd.DataFrame:
@@ -80,9 +85,10 @@ def paired(sel: pd.DataFrame, treatment: str, control: str = "LoRA") -> pd.DataF
 def bootstrap_ci(groups: Sequence[Sequence[float]], n_resamples: int = N_RESAMPLES, level: float = LEVEL,
                  seed: int = BOOT_SEED) -> tuple[float, float]:
     """Percentile bootstrap interval of mean_g(mean(groups[g])): seeds resampled with replacement within each
-    group (one group = one task's paired differences). (nan, nan) if a group is empty or there are none."""
+    group (one group = one task's paired differences). (nan, nan) if there are no groups or a group has fewer
+    than MIN_PAIRS values (one value resamples to itself: a zero-width interval that measures nothing)."""
     arrays = [np.asarray(g, dtype=float) for g in groups]
-    if not arrays or any(a.size == 0 for a in arrays):
+    if not arrays or any(a.size < MIN_PAIRS for a in arrays):
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
     stat = np.zeros(n_resamples)
@@ -128,7 +134,7 @@ def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Seq
             n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
     """treatment - control per task and pooled (task = "pooled"): n_pairs, mean_diff, ci_lo, ci_hi, the sign
     test (n_pos, n_neg, n_ties, sign_p) and the verdict. Tasks in `tasks` order (default: sorted); tasks without
-    a pair are left out; the pooled row averages the tasks that have one."""
+    a pair are left out; the pooled row averages the tasks with at least MIN_PAIRS pairs (none: no pooled row)."""
     pairs = paired(sel, treatment, control)
     order = list(tasks) if tasks is not None else sorted(set(pairs["task"]))
     rows, groups = [], []
@@ -136,7 +142,8 @@ def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Seq
         d = pairs.loc[pairs["task"] == task, "diff"].to_numpy(dtype=float)
         if d.size == 0:
             continue
-        groups.append(d)
+        if d.size >= MIN_PAIRS:
+            groups.append(d)
         rows.append(_row(task, treatment, control, [d], d, n_resamples, seed))
     if groups:
         rows.append(_row("pooled", treatment, control, groups, np.concatenate(groups), n_resamples, seed))

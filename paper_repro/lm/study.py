@@ -288,7 +288,8 @@ def verdicts(comp: pd.DataFrame, devs: list[str], scope: str = "real: SmolLM2-13
     def one(claim: str, what: str, parts: list[tuple[str, str, str]]) -> Verdict:
         rows = [(label, _pooled(comp, t, c)) for label, t, c in parts]
         status = combine([r["verdict"] if r is not None else stats.INSUFFICIENT for _, r in rows])
-        detail = "; ".join(f"{label}: " + (stats.describe(r) if r is not None else "no pairs") for label, r in rows)
+        none = f"no task has {stats.MIN_PAIRS} or more pairs"
+        detail = "; ".join(f"{label}: " + (stats.describe(r) if r is not None else none) for label, r in rows)
         return Verdict(claim, f"{scope}, {what}", status, detail + beside)
 
     return [one("cola_ge_lora", "COLA-3 vs LoRA pooled over tasks", [("COLA-3 - LoRA", COLA3, LORA)]),
