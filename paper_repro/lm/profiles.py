@@ -12,7 +12,7 @@ Profiles
 - gpu: the paper's scale (see `gpu_jobs`).
 - real: SmolLM2-135M at the paper's protocol (MeZO sampling, 5 epochs, the LR grid, 5 seeds, 7 tasks) with the
   ablations that ask what makes a chain win (see `real_jobs`); meant for a GPU.
-- real-cpu: a FALLBACK subset of `real` for a CPU (SST-2 and RTE, LoRA vs COLA-3, seeds 0-2, LR 1e-3 / 8e-4);
+- real-cpu: a FALLBACK subset of `real` for a CPU (SST-2 and RTE, LoRA vs COLA-3, seeds 0-2, LR 1e-3 / 8e-4 / 1e-4);
   its jobs ARE `real` jobs (same configs, same result files), so they count towards `real` too.
 """
 
