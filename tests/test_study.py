@@ -40,8 +40,9 @@ def write_results(root: Path, tasks=TASKS) -> int:
         m = {"status": "finished", "test_acc": test / 100, "dev_acc": dev / 100, "best_epoch": 4}
         if c.zero_shot:
             m["zero_shot_test_acc"] = 0.5
+        pack = {"packed": {"size": 3, "index": n % 3}} if c.task == "rte" else {}  # rte "ran" in packs of 3
         save_result(job.result_path(root), config={**c.to_dict(), "chain": {}}, history=[], metrics=m,
-                    meta={"created_at": "2026-12-01T00:00:00Z", "device": "test"})
+                    meta={"created_at": "2026-12-01T00:00:00Z", "device": "test", **pack})
         n += 1
     return n
 
@@ -133,6 +134,8 @@ def test_report_section_tables_and_verdicts(results, tmp_path):
     (title, text), = sections
     assert "SmolLM2-135M" in title and "not run yet:" in text and "--profile real-cpu" in text
     assert "instead of OPT-1.3B / Llama-2-7B" in text and "tasks with results: wsc, rte (2 of 7)" in text
+    n = len([j for j in jobs_for("real") if j.cfg.task in TASKS])
+    assert f"Provenance: {n} runs; engine: packed (3) {n // 2}, sequential {n // 2}; device: test {n}" in text
     by_claim = {v.claim: v for v in verdicts}
     assert by_claim["cola_ge_lora"].status == "supported"
     assert by_claim["chain_length"].status == "supported"  # 2 > 1 and 3 > 2 planted

@@ -89,10 +89,28 @@ def load_study(results_dir: Path, jobs: list | None = None,
                      "first_knot_epoch": epochs.first_knot_epoch(cfg, m.get("steps_per_epoch")),
                      "validation_as_train": bool(cfg.get("split_validation_as_train", False)),
                      "restart_warmup_steps": (cfg.get("chain_overrides") or {}).get("restart_warmup_steps"),
+                     "engine": _engine(payload["meta"]), "device": str(payload["meta"].get("device", "unknown")),
                      "created": str(payload["meta"].get("created_at", ""))})
     coverage = pd.DataFrame(cov, columns=["group", "task", "present"])
     coverage = coverage.groupby(["group", "task"], sort=False)["present"].agg(present="sum", total="count")
     return pd.DataFrame(rows), coverage.reset_index()
+
+
+def _engine(meta: dict) -> str:
+    """'packed (k)' for a run trained in a pack of k (`packed_train`), else 'sequential' (`run_lm`)."""
+    pack = meta.get("packed")
+    return f"packed ({int(pack['size'])})" if isinstance(pack, dict) and "size" in pack else "sequential"
+
+
+def provenance(runs: pd.DataFrame) -> str:
+    """Which engine and device produced the runs: 'N runs: k sequential, m packed (2); device cpu N'. The packed
+    engine matches `run_lm` to float32 rounding (tests/test_packed.py), so a verdict must not depend on the mix."""
+    if runs is None or runs.empty:
+        return "no runs"
+    def count(col: str) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(runs[col].value_counts().items()))
+
+    return f"{len(runs)} runs; engine: {count('engine')}; device: {count('device')}"
 
 
 def coverage_line(coverage: pd.DataFrame, group: str = "all") -> str:
@@ -335,6 +353,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     vs = verdicts(comp, deviations(runs, short=True), coverage=coverage_line(cov))
     tdir = fig_dir / "tables"
     parts = [head, "Settings that differ from the paper: " + "; ".join(devs) + ".\n",
+             f"Provenance: {provenance(runs)} (the packed engine equals the sequential one to float32 rounding, "
+             "tests/test_packed.py).\n",
              "| claim | verdict | intervals |", "|---|---|---|"]
     parts += [f"| {v.claim} ({v.scope}) | **{v.status}** | {v.detail.split(' | ')[0]} |" for v in vs]
     parts += ["", "What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
