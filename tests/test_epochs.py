@@ -80,6 +80,32 @@ def test_dev_loss_gaps_pair_same_seed_and_lr_and_treat_a_seed_as_one_unit():
     assert table["pairs (seeds)"].iloc[0] == "6 (3)" and table["epoch 5*"].iloc[0].startswith("-0.060 [")
 
 
+def test_dev_loss_gaps_by_lr_keep_opposite_gaps_apart_that_pooling_cancels():
+    """Under-fitting LR: the chain's dev loss stays above LoRA's after the knot; over-fitting LR: below. Pooled over
+    the two LRs the gap is 0; kept apart, each LR shows its own planted gap, one pair per seed."""
+    base = np.array([0.5, 0.45, 0.44, 0.46, 0.5])
+    rows = []
+    for seed in (0, 1, 2):
+        for lr, gap in ((1e-3, -0.03), (1e-4, +0.03)):
+            c = base + 0.01 * seed
+            t = c + np.array([0.0, gap / 3, gap / 2, gap, gap]) + 0.002 * (seed - 1)
+            rows += [("rte", "LoRA", seed, lr, 1, list(c), math.inf), ("rte", "COLA-3", seed, lr, 1, list(t), 5 / 3)]
+    runs = _runs(rows)
+    pooled = epochs.dev_loss_gaps(runs, "COLA-3", "LoRA", ("rte",))
+    np.testing.assert_allclose(pooled["mean_diff"], 0.0, atol=1e-12)
+    assert pooled["lr"].isna().all()
+    split = epochs.dev_loss_gaps(runs, "COLA-3", "LoRA", ("rte",), by_lr=True)
+    assert list(split["lr"].unique()) == [1e-3, 1e-4] and (split["n_pairs"] == 3).all()
+    for lr, gap in ((1e-3, -0.03), (1e-4, +0.03)):
+        last = split[(split["lr"] == lr) & (split["epoch"] == 5)].iloc[0]
+        assert last["mean_diff"] == pytest.approx(gap, abs=1e-12)
+        assert gap - 0.002 - 1e-12 <= last["ci_lo"] < last["ci_hi"] <= gap + 0.002 + 1e-12  # the seeds' spread
+        assert (last["ci_lo"] > 0) == (gap > 0) and (last["ci_hi"] < 0) == (gap < 0)  # the interval keeps the sign
+    table = epochs.gap_table(split, "COLA-3", "LoRA")
+    assert list(table["LR"]) == ["0.001", "0.0001"] and "LR" not in epochs.gap_table(pooled, "COLA-3", "LoRA")
+    assert table["epoch 5*"].tolist()[1].startswith("+0.030 [")
+
+
 def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
     """Through the real loader: per-epoch dev losses and steps per epoch from the metrics, the knots from the config."""
     results, fig = tmp_path / "results", tmp_path / "fig"
@@ -104,6 +130,9 @@ def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
     assert "| sst2 | 15 (3) | +0.000 [+0.000, +0.000] | -0.010 [-0.010, -0.010] |" in text
     gaps = pd.read_csv(fig / "tables" / "table_real_dev_loss_gaps.csv")
     np.testing.assert_allclose(gaps["mean_diff"], [0.0, -0.01, -0.02, -0.03, -0.04], atol=1e-12)
+    by_lr = pd.read_csv(fig / "tables" / "table_real_dev_loss_gaps_by_lr.csv")
+    assert len(by_lr) == 5 * 5 and (by_lr["n_pairs"] == 3).all()  # 5 LRs x 5 epochs, one pair per seed
+    assert "| sst2 | 0.0005 | 3 (3) | +0.000 [+0.000, +0.000] | -0.010 [-0.010, -0.010] |" in text
     assert (fig / "fig_real_dev_loss_per_epoch.png").stat().st_size > 1000
     assert "| sst2 | 0.001 | 3 | 80.00 | 80.00 | +0.00 [+0.00, +0.00] | 0/0/3 | 0 of 3 |" in text
     assert "| sst2 | 0.0001 | 3 | 80.00 | 81.00 | +1.00 [+1.00, +1.00] | 3/0/0 | 3 of 3 |" in text

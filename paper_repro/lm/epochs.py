@@ -12,6 +12,8 @@ the first knot. Two diagnostics, pure functions of the saved per-epoch dev losse
   one seed share its data sample, so each seed is one unit (its mean difference over the LRs); the mean over
   seeds gets a 95% percentile bootstrap interval over seeds (`stats.bootstrap_ci`). Epochs after the first knot
   are marked. A dev loss is an average over the dev examples of -log p(correct candidate), lower is better.
+  `by_lr=True` keeps each LR apart (one pair per seed): pooling LRs can hide a gap whose sign depends on whether
+  the run under- or over-fits in 5 epochs.
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ def best_epoch_table(runs: pd.DataFrame, variants: tuple[str, ...], tasks: tuple
     return pd.DataFrame(rows)
 
 
-def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
-    """Per (task, epoch): n_pairs, the mean dev loss of each arm, the mean paired difference treatment - control
-    with its 95% bootstrap interval, and whether the epoch ends after the treatment's first knot. Pairs: the
-    same (task, seed, lr) in both arms, with a dev loss at every epoch."""
-    cols = ["task", "epoch", "after_first_knot", "n_pairs", "n_seeds", "control_loss", "treatment_loss",
+def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...],
+                  by_lr: bool = False) -> pd.DataFrame:
+    """Per (task, epoch), or per (task, LR, epoch) with `by_lr` (lr is nan otherwise): n_pairs, the mean dev loss
+    of each arm, the mean paired difference treatment - control with its 95% bootstrap interval over seeds, and
+    whether the epoch ends after the treatment's first knot. Pairs: the same (task, seed, lr) in both arms, with a
+    dev loss at every epoch."""
+    cols = ["task", "lr", "epoch", "after_first_knot", "n_pairs", "n_seeds", "control_loss", "treatment_loss",
             "mean_diff", "ci_lo", "ci_hi"]
     if runs is None or runs.empty or "dev_loss_per_epoch" not in runs:
         return pd.DataFrame(columns=cols)
@@ -95,32 +99,35 @@ def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
     both = t.merge(c, on=keys, suffixes=("_t", "_c"))
     rows = []
     for task in tasks:
-        g = both[both["task"] == task]
-        g = g[[len(a) == len(b) for a, b in zip(g["dev_loss_per_epoch_t"], g["dev_loss_per_epoch_c"])]]
-        if g.empty:
-            continue
-        lt = np.array(g["dev_loss_per_epoch_t"].tolist(), dtype=float)  # (pairs, epochs)
-        lc = np.array(g["dev_loss_per_epoch_c"].tolist(), dtype=float)
-        knot = float(g["first_knot_epoch"].min())
-        seeds = g["seed"].to_numpy()
-        for e in range(lt.shape[1]):
-            d = lt[:, e] - lc[:, e]
-            # the LRs of one seed share its sample: one unit per seed (its mean over LRs), seeds resampled
-            units = np.array([d[seeds == s].mean() for s in np.unique(seeds)])
-            lo, hi = stats.bootstrap_ci([units])  # nan below stats.MIN_PAIRS seeds
-            rows.append({"task": task, "epoch": e + 1, "after_first_knot": bool(e + 1 > knot + 1e-9),
-                         "n_pairs": int(d.size), "n_seeds": int(units.size), "control_loss": float(lc[:, e].mean()),
-                         "treatment_loss": float(lt[:, e].mean()), "mean_diff": float(units.mean()), "ci_lo": lo,
-                         "ci_hi": hi})
+        at = both[both["task"] == task]
+        for lr in sorted(set(at["lr"]), reverse=True) if by_lr else [math.nan]:
+            g = at if math.isnan(lr) else at[at["lr"] == lr]
+            g = g[[len(a) == len(b) for a, b in zip(g["dev_loss_per_epoch_t"], g["dev_loss_per_epoch_c"])]]
+            if g.empty:
+                continue
+            lt = np.array(g["dev_loss_per_epoch_t"].tolist(), dtype=float)  # (pairs, epochs)
+            lc = np.array(g["dev_loss_per_epoch_c"].tolist(), dtype=float)
+            knot = float(g["first_knot_epoch"].min())
+            seeds = g["seed"].to_numpy()
+            for e in range(lt.shape[1]):
+                d = lt[:, e] - lc[:, e]
+                # the LRs of one seed share its sample: one unit per seed (its mean over LRs), seeds resampled
+                units = np.array([d[seeds == s].mean() for s in np.unique(seeds)])
+                lo, hi = stats.bootstrap_ci([units])  # nan below stats.MIN_PAIRS seeds
+                rows.append({"task": task, "lr": lr, "epoch": e + 1, "after_first_knot": bool(e + 1 > knot + 1e-9),
+                             "n_pairs": int(d.size), "n_seeds": int(units.size),
+                             "control_loss": float(lc[:, e].mean()), "treatment_loss": float(lt[:, e].mean()),
+                             "mean_diff": float(units.mean()), "ci_lo": lo, "ci_hi": hi})
     return pd.DataFrame(rows, columns=cols)
 
 
 def gap_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataFrame:
-    """Display form of `dev_loss_gaps`: one row per task, one column per epoch, 'diff [lo, hi]'; a '*' marks the
-    epochs after the first knot (where the chain can differ)."""
+    """Display form of `dev_loss_gaps`: one row per task (and LR, when kept apart), one column per epoch,
+    'diff [lo, hi]'; a '*' marks the epochs after the first knot (where the chain can differ)."""
     rows = []
-    for task, g in gaps.groupby("task", sort=False):
-        row = {"task": task, "pairs (seeds)": f"{int(g['n_pairs'].max())} ({int(g['n_seeds'].max())})"}
+    for (task, lr), g in gaps.groupby(["task", "lr"], sort=False, dropna=False):
+        row = {"task": task, **({} if math.isnan(lr) else {"LR": f"{lr:g}"}),
+               "pairs (seeds)": f"{int(g['n_pairs'].max())} ({int(g['n_seeds'].max())})"}
         for _, r in g.iterrows():
             ci = f" [{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]" if math.isfinite(r["ci_lo"]) else ""
             row[f"epoch {r['epoch']}" + ("*" if r["after_first_knot"] else "")] = f"{r['mean_diff']:+.3f}{ci}"
@@ -130,21 +137,24 @@ def gap_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataFrame:
 
 def plot_dev_loss(gaps: pd.DataFrame, knots: dict[str, list[float]], fig_dir: Path, treatment: str, control: str,
                   name: str = "fig_real_dev_loss_per_epoch") -> list[Path]:
-    """One panel per task: mean dev loss per epoch of both arms over their (seed, LR) pairs, the treatment's
-    knots as dotted vertical lines."""
+    """One panel per task: mean dev loss per epoch of both arms (control solid, treatment dashed), one colour per
+    LR when `gaps` keeps the LRs apart; the treatment's knots as dotted vertical lines."""
     if gaps is None or gaps.empty:
         return []
     tasks = list(dict.fromkeys(gaps["task"]))
-    fig, axes = new_figure(1, len(tasks), width=2.8, height=2.4)
+    fig, axes = new_figure(1, len(tasks), width=3.0, height=2.6)
     for ax, task in zip(axes[0], tasks):
-        g = gaps[gaps["task"] == task]
-        for arm, col in ((control, "control_loss"), (treatment, "treatment_loss")):
-            ax.plot(g["epoch"], g[col], marker="o", color=method_color(arm.split("-")[0]), label=arm)
+        at = gaps[gaps["task"] == task]
+        for i, (lr, g) in enumerate(at.groupby("lr", sort=False, dropna=False)):
+            lr_label = "" if math.isnan(lr) else f" {lr:g}"
+            for arm, col, style in ((control, "control_loss", "-"), (treatment, "treatment_loss", "--")):
+                color = method_color(arm.split("-")[0]) if math.isnan(lr) else method_color("", i)
+                ax.plot(g["epoch"], g[col], style, marker="o", ms=3, color=color, label=f"{arm}{lr_label}")
         for k in knots.get(task, []):
             ax.axvline(k, **{**BOUND_STYLE, "linestyle": ":"})
-        ax.set(title=f"{task} ({int(g['n_pairs'].max())} pairs)", xlabel="epoch", ylabel="dev loss",
-               xticks=list(g["epoch"]))
-    axes[0][0].legend(title="dotted: knots")
+        ax.set(title=f"{task} ({int(at['n_seeds'].max())} seeds)", xlabel="epoch", ylabel="dev loss",
+               xticks=sorted(set(at["epoch"])))
+    axes[0][-1].legend(title="dotted: knots", fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return savefig(fig, name, fig_dir)
 
 
@@ -184,3 +194,25 @@ def fixed_lr_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataF
                          "sign +/-/tie": [f"{a}/{b}/{c}" for a, b, c in zip(gaps["n_pos"], gaps["n_neg"],
                                                                            gaps["n_ties"])],
                          f"{treatment} selected after its first knot": gaps["after_knot"]})
+
+
+def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...],
+                  variants: tuple[str, ...], fig_dir: Path) -> list[tuple]:
+    """The diagnostics of this module as the study report writes them: (name, display frame, numeric frame or
+    None, caption, plot of the display frame or None) per table."""
+    gaps = dev_loss_gaps(runs, treatment, control, tasks)
+    by_lr = dev_loss_gaps(runs, treatment, control, tasks, by_lr=True)
+    fixed = fixed_lr_gaps(runs, treatment, control, tasks)
+    same = f"{treatment} - {control} at the same task, seed and LR"
+    marks = f"* = after {treatment}'s first knot; lower is better for {treatment}"
+    return [("table_real_best_epoch", best_epoch_table(runs, variants, tasks), None,
+             "Which epoch MeZO's best-dev-loss rule selects (runs per epoch); a chain selected at or before its "
+             "first knot is its LoRA pair exactly", None),
+            ("table_real_dev_loss_gaps", gap_table(gaps, treatment, control), gaps,
+             f"Dev loss per epoch, {same}, LRs pooled (a seed is one unit): mean [95% bootstrap CI] ({marks})", None),
+            ("table_real_dev_loss_gaps_by_lr", gap_table(by_lr, treatment, control), by_lr,
+             f"Dev loss per epoch, {same}, each LR apart: mean [95% bootstrap CI over seeds] ({marks})",
+             lambda d: plot_dev_loss(by_lr, knots_per_task(runs, treatment), fig_dir, treatment, control)),
+            ("table_real_fixed_lr", fixed_lr_table(fixed, treatment, control), fixed, "At each LR, no LR "
+             f"selection: test accuracy (%) {treatment} - {control} at the same seed (a diagnostic beside the "
+             "dev-selected verdicts)", None)]

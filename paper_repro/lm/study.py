@@ -377,41 +377,27 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                                   for t in main["task"]]
     t4 = table4(sel, REAL_TASKS)
     f3 = fig3_table(sel, STEPDOWN_TASKS, STEPDOWN_RANKS)
-    gaps = epochs.dev_loss_gaps(runs, COLA3, LORA, REAL_TASKS)
-    knots = epochs.knots_per_task(runs, COLA3)
-    fixed = epochs.fixed_lr_gaps(runs, COLA3, LORA, REAL_TASKS)
-    for name, frame, caption, plot in (
-            ("table_real_main", main, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std over "
-             "seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
-            ("table_real_comparisons", comparison_table(comp) if len(comp) else comp,
-             "Paired differences (pp) per task and pooled, 95% percentile bootstrap CI, exact sign test", None),
-            ("table_real_table4", t4, "Table 4 analogue: test accuracy vs chain length at 5 epochs",
-             lambda d: plot_lines(d, [f"length {n}" for n in LENGTHS], list(LENGTHS), fig_dir, "fig_real_table4",
-                                  "chain length (1 = LoRA)")),
-            ("fig3_real_rank_stepdown", f3, "Figure 3 analogue: rank 8 for 3 epochs, then r for 2, vs LoRA r=8",
-             lambda d: plot_lines(d, [f"r={r}" for r in STEPDOWN_RANKS], list(STEPDOWN_RANKS), fig_dir,
-                                  "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
-                                  baseline="LoRA r=8")),
-            ("table_real_best_epoch", epochs.best_epoch_table(runs, tuple(dict.fromkeys(
-                [LORA, COLA3, *sorted(set(runs["variant"]))])), REAL_TASKS),
-             "Which epoch MeZO's best-dev-loss rule selects (runs per epoch); a chain selected at or before its "
-             "first knot is its LoRA pair exactly", None),
-            ("table_real_dev_loss_gaps", epochs.gap_table(gaps, COLA3, LORA),
-             "Dev loss per epoch, COLA-3 - LoRA at the same task, seed and LR: mean [95% bootstrap CI] (* = after "
-             "COLA-3's first knot; lower is better for COLA-3)",
-             lambda d: epochs.plot_dev_loss(gaps, knots, fig_dir, COLA3, LORA)),
-            ("table_real_fixed_lr", epochs.fixed_lr_table(fixed, COLA3, LORA), "At each LR, no LR selection: test "
-             "accuracy (%) COLA-3 - LoRA at the same seed (a diagnostic beside the dev-selected verdicts)", None)):
+    variants = tuple(dict.fromkeys([LORA, COLA3, *sorted(set(runs["variant"]))]))
+    tables = [("table_real_main", main, None, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std "
+               "over seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
+              ("table_real_comparisons", comparison_table(comp) if len(comp) else comp, comp,
+               "Paired differences (pp) per task and pooled, 95% percentile bootstrap CI, exact sign test",
+               lambda d: plot_forest(comp, fig_dir) + plot_forest(comp, fig_dir, "fig_real_forest_vs_cola3",
+                                                                  VS_COLA3, COLA3)),
+              ("table_real_table4", t4, None, "Table 4 analogue: test accuracy vs chain length at 5 epochs",
+               lambda d: plot_lines(d, [f"length {n}" for n in LENGTHS], list(LENGTHS), fig_dir, "fig_real_table4",
+                                    "chain length (1 = LoRA)")),
+              ("fig3_real_rank_stepdown", f3, None, "Figure 3 analogue: rank 8 for 3 epochs, then r for 2, vs LoRA "
+               "r=8", lambda d: plot_lines(d, [f"r={r}" for r in STEPDOWN_RANKS], list(STEPDOWN_RANKS), fig_dir,
+                                           "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
+                                           baseline="LoRA r=8")),
+              *epochs.report_tables(runs, COLA3, LORA, REAL_TASKS, variants, fig_dir)]
+    for name, frame, numeric, caption, plot in tables:
         if frame is None or frame.empty:
             parts.append(f"\n### {caption}\n\nno results yet.\n")
             continue
-        num = {"table_real_comparisons": comp, "table_real_dev_loss_gaps": gaps, "table_real_fixed_lr": fixed}.get(
-            name, frame)
-        files += _write(_shown(frame), num, name, tdir, caption)
+        files += _write(_shown(frame), frame if numeric is None else numeric, name, tdir, caption)
         made = plot(frame) if plot else []
-        if name == "table_real_comparisons":
-            made = plot_forest(comp, fig_dir) + plot_forest(comp, fig_dir, "fig_real_forest_vs_cola3", VS_COLA3,
-                                                            COLA3)
         files += made
         figs = "".join(f"\n![{p.stem}]({p.relative_to(fig_dir)})\n" for p in made if p.suffix == ".png")
         parts.append(f"\n### {caption}\n\n" + to_markdown(_shown(frame)) + figs)
