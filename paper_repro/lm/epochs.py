@@ -27,7 +27,7 @@ import pandas as pd
 from cola_theory.config import knots_from_epochs
 from cola_theory.lm.run_config import epochs_per_link
 from paper_repro.lm import stats
-from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
+from paper_repro.plot_style import BOUND_STYLE, PALETTE, method_color, new_figure, savefig
 
 
 def knot_epochs(cfg: dict, steps_per_epoch: int | None) -> tuple[float, ...]:
@@ -148,7 +148,7 @@ def plot_dev_loss(gaps: pd.DataFrame, knots: dict[str, list[float]], fig_dir: Pa
         for i, (lr, g) in enumerate(at.groupby("lr", sort=False, dropna=False)):
             lr_label = "" if math.isnan(lr) else f" {lr:g}"
             for arm, col, style in ((control, "control_loss", "-"), (treatment, "treatment_loss", "--")):
-                color = method_color(arm.split("-")[0]) if math.isnan(lr) else method_color("", i)
+                color = method_color(arm.split("-")[0]) if math.isnan(lr) else PALETTE[i % len(PALETTE)]
                 ax.plot(g["epoch"], g[col], style, marker="o", ms=3, color=color, label=f"{arm}{lr_label}")
         for k in knots.get(task, []):
             ax.axvline(k, **{**BOUND_STYLE, "linestyle": ":"})

@@ -103,10 +103,12 @@ def _engine(meta: dict) -> str:
 
 
 def provenance(runs: pd.DataFrame) -> str:
-    """Which engine and device produced the runs: 'N runs: k sequential, m packed (2); device cpu N'. The packed
-    engine matches `run_lm` to float32 rounding (tests/test_packed.py), so a verdict must not depend on the mix."""
+    """Which engine and device produced the runs: 'N runs; engine: packed (2) k, sequential m; device: cpu N'. The
+    packed engine matches `run_lm` to float32 rounding (tests/test_packed.py), so a verdict must not depend on the
+    mix."""
     if runs is None or runs.empty:
         return "no runs"
+
     def count(col: str) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(runs[col].value_counts().items()))
 
