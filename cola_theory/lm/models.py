@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,6 +55,30 @@ def _take_buffers(src: torch.nn.Module, dst: torch.nn.Module) -> None:
         dst.get_submodule(owner)._buffers[attr] = buf
 
 
+def _cache_complete(cache: Path) -> bool:
+    return (cache / "model.safetensors").exists() and (cache / "tokenizer.json").exists()
+
+
+def _publish_cache(cache: Path, write: Callable[[str], object]) -> None:
+    """Write the cache through `write(tmp_dir)` into a temporary folder beside it, then rename it into place
+    (atomic: a reader sees no cache or a whole one). Two processes that load SmolLM2 for the first time at once
+    both write; the second rename finds the folder taken, and since the winner's cache is complete, that is not
+    an error. Only a cache that cannot be written is reported (it costs time, not correctness)."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+            write(tmp)
+            try:
+                os.rename(tmp, cache)
+            except OSError:
+                if not _cache_complete(cache):
+                    raise
+                return  # another process made the cache first; TemporaryDirectory removes our copy
+            os.makedirs(tmp)  # let TemporaryDirectory clean up an empty dir
+    except OSError as exc:  # an unwritable cache only costs time
+        print(f"[cola] could not cache SmolLM2 at {cache} ({exc}); set COLA_CACHE to a writable folder")
+
+
 def load_smollm2(use_cache: bool = True):
     """(model, tokenizer) of SmolLM2-135M in float32. The first call expands the GGUF (~20 s: 272 tensors are
     de-quantised) and caches the result as a plain safetensors checkpoint, so later calls take ~2 s; the cached
@@ -61,7 +86,7 @@ def load_smollm2(use_cache: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     cache = smollm2_cache_dir()
-    if use_cache and (cache / "model.safetensors").exists() and (cache / "tokenizer.json").exists():
+    if use_cache and _cache_complete(cache):
         return AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32), AutoTokenizer.from_pretrained(cache)
     folder = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
@@ -78,15 +103,7 @@ def load_smollm2(use_cache: bool = True):
     on_meta = [n for n, t in (*clean.named_parameters(), *clean.named_buffers()) if t.is_meta]
     if on_meta:
         raise RuntimeError(f"SmolLM2 load left tensors without data (meta): {on_meta[:5]}")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
-            clean.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.rename(tmp, cache)  # atomic; fails harmlessly if another process made the cache first
-            os.makedirs(tmp)  # let TemporaryDirectory clean up an empty dir
-    except OSError as exc:  # an unwritable cache only costs time
-        print(f"[cola] could not cache SmolLM2 at {cache} ({exc}); set COLA_CACHE to a writable folder")
+    _publish_cache(cache, lambda tmp: (clean.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return clean.eval(), tok
 
 
