@@ -134,8 +134,8 @@ def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
     assert len(by_lr) == 5 * 5 and (by_lr["n_pairs"] == 3).all()  # 5 LRs x 5 epochs, one pair per seed
     assert "| sst2 | 0.0005 | 3 (3) | +0.000 [+0.000, +0.000] | -0.010 [-0.010, -0.010] |" in text
     assert (fig / "fig_real_dev_loss_per_epoch.png").stat().st_size > 1000
-    assert "| sst2 | 0.001 | 3 | 80.00 | 80.00 | +0.00 [+0.00, +0.00] | 0/0/3 | 0 of 3 |" in text
-    assert "| sst2 | 0.0001 | 3 | 80.00 | 81.00 | +1.00 [+1.00, +1.00] | 3/0/0 | 3 of 3 |" in text
+    assert "| sst2 | 0.001 | 3 | 80.00 | 80.00 | +0.00 [+0.00, +0.00] | [+0.00, +0.00] | 0/0/3 | 0 of 3 |" in text
+    assert "| sst2 | 0.0001 | 3 | 80.00 | 81.00 | +1.00 [+1.00, +1.00] | [+1.00, +1.00] | 3/0/0 | 3 of 3 |" in text
     fixed = pd.read_csv(fig / "tables" / "table_real_fixed_lr.csv")
     assert list(fixed["lr"]) == [1e-3, 8e-4, 5e-4, 1e-4, 5e-5] and (fixed["n_pairs"] == 3).all()
 
@@ -157,8 +157,13 @@ def test_fixed_lr_gaps_compare_each_lr_alone_and_count_the_runs_that_can_differ(
     assert g.loc[1e-3, "mean_diff"] == 0.0 and g.loc[1e-3, "n_ties"] == 3 and g.loc[1e-3, "after_knot"] == "0 of 3"
     assert g.loc[1e-4, "mean_diff"] == pytest.approx(3.0) and g.loc[1e-4, "n_pos"] == 3
     assert g.loc[1e-4, "ci_lo"] >= 2.0 and g.loc[1e-4, "ci_hi"] <= 4.0  # the bootstrap of the seeds' 2, 3, 4
+    half = 4.302652729749464 / math.sqrt(3)  # t_{0.975, 2} * s / sqrt(n), s = 1
+    assert (g.loc[1e-4, "t_lo"], g.loc[1e-4, "t_hi"]) == pytest.approx((3.0 - half, 3.0 + half))
+    table = epochs.fixed_lr_table(g.reset_index(), "COLA-3", "LoRA")
+    assert table["paired t 95% CI"].tolist() == ["[+0.00, +0.00]", f"[{3 - half:+.2f}, {3 + half:+.2f}]"]
     assert g.loc[1e-4, "after_knot"] == "2 of 3"  # seed 0's chain was selected at epoch 1
     assert g.loc[1e-4, "control_acc"] == pytest.approx(61.0) and g.loc[1e-4, "treatment_acc"] == pytest.approx(64.0)
     one = epochs.fixed_lr_gaps(pd.DataFrame(rows[:2]), "COLA-3", "LoRA", ("rte",))  # one pair: no interval
     assert one["n_pairs"].tolist() == [1] and math.isnan(one["ci_lo"].iloc[0])
     assert epochs.fixed_lr_table(one, "COLA-3", "LoRA")["COLA-3 - LoRA [95% CI]"].tolist() == ["+0.00"]
+    assert epochs.fixed_lr_table(one, "COLA-3", "LoRA")["paired t 95% CI"].tolist() == ["-"]

@@ -119,3 +119,27 @@ def test_sign_test_drops_ties_and_matches_the_hand_computed_binomial():
     row = comp.iloc[0]
     assert (row["n_pos"], row["n_neg"], row["n_ties"]) == (2, 1, 2) and row["sign_p"] == pytest.approx(1.0)
     assert "2 tie(s) dropped" in stats.describe(row) and "+0.40 pp" in stats.describe(row)
+
+
+def test_paired_t_interval_matches_scipy_and_flags_a_fragile_verdict():
+    from scipy.stats import ttest_1samp, ttest_ind
+
+    d = np.array([-1.44, 2.17, 2.17])  # the shape of a 3-seed task: the bootstrap interval is its range
+    ref = ttest_1samp(d, 0.0).confidence_interval(0.95)
+    assert stats.t_ci([d]) == pytest.approx((ref.low, ref.high))
+    lo, hi = stats.bootstrap_ci([d])
+    assert stats.t_ci([d])[0] < lo and hi < stats.t_ci([d])[1]  # with 3 seeds the t interval is much wider
+    # pooled over two tasks = (mean a + mean b) / 2: Welch's interval of mean(a) - mean(-b), halved
+    a, b = np.array([0.1, 0.5, -0.2, 0.3]), np.array([2.0, -1.0, 1.5])
+    welch = ttest_ind(a, -b, equal_var=False).confidence_interval(0.95)
+    assert stats.t_ci([a, b]) == pytest.approx((welch.low / 2, welch.high / 2))
+    assert stats.t_ci([[4.0, 4.0], [1.0, 1.0, 1.0]]) == pytest.approx((2.5, 2.5))  # no spread: zero width
+    assert stats.t_ci([[1.0, 2.0], [3.0]]) == pytest.approx((math.nan, math.nan), nan_ok=True)  # one pair
+    # every seed gains a little but one gains a lot: the bootstrap says supported, the t interval contains 0
+    comp = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [0.1, 0.2, 6.0]})), "COLA-3")
+    row = comp.iloc[0]
+    assert row["verdict"] == "supported" and row["t_lo"] < 0 < row["t_hi"]
+    assert "fragile: the t interval contains 0" in stats.describe(row)
+    steady = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [2.0, 3.0, 2.5, 3.5, 2.8]})), "COLA-3")
+    assert steady.iloc[0]["t_lo"] > 0 and "fragile" not in stats.describe(steady.iloc[0])
+    assert "paired t [" in stats.describe(steady.iloc[0])

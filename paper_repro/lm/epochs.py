@@ -160,10 +160,11 @@ def plot_dev_loss(gaps: pd.DataFrame, knots: dict[str, list[float]], fig_dir: Pa
 
 def fixed_lr_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
     """Per (task, LR), no LR selection: test accuracy treatment - control at the same seed (`stats.compare` on the
-    runs of that LR alone: mean, 95% bootstrap CI over seeds, sign test), with the mean test accuracy of each arm
+    runs of that LR alone: mean, 95% bootstrap and paired t CIs over seeds, sign test), with the mean test
+    accuracy of each arm
     and how many treatment runs selected an epoch after their first knot (only those can differ)."""
-    cols = ["task", "lr", "n_pairs", "control_acc", "treatment_acc", "mean_diff", "ci_lo", "ci_hi", "n_pos",
-            "n_neg", "n_ties", "after_knot"]
+    cols = ["task", "lr", "n_pairs", "control_acc", "treatment_acc", "mean_diff", "ci_lo", "ci_hi", "t_lo", "t_hi",
+            "n_pos", "n_neg", "n_ties", "after_knot"]
     if runs is None or runs.empty:
         return pd.DataFrame(columns=cols)
     rows = []
@@ -174,8 +175,8 @@ def fixed_lr_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
             p = pairs[pairs["task"] == r["task"]]  # the seeds in both arms
             t = at[(at["task"] == r["task"]) & (at["variant"] == treatment) & at["seed"].isin(p["seed"])]
             late = int((t["best_epoch"].astype(float) > t["first_knot_epoch"].astype(float) + 1e-9).sum())
-            rows.append({**{k: r[k] for k in ("task", "n_pairs", "mean_diff", "ci_lo", "ci_hi", "n_pos", "n_neg",
-                                              "n_ties")},
+            rows.append({**{k: r[k] for k in ("task", "n_pairs", "mean_diff", "ci_lo", "ci_hi", "t_lo", "t_hi",
+                                              "n_pos", "n_neg", "n_ties")},
                          "lr": lr, "control_acc": float(p["control"].mean()),
                          "treatment_acc": float(p["treatment"].mean()), "after_knot": f"{late} of {len(t)}"})
     return pd.DataFrame(rows, columns=cols)
@@ -191,6 +192,7 @@ def fixed_lr_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataF
                          control: gaps["control_acc"].map("{:.2f}".format),
                          treatment: gaps["treatment_acc"].map("{:.2f}".format),
                          f"{treatment} - {control} [95% CI]": [ci(r) for _, r in gaps.iterrows()],
+                         "paired t 95% CI": [stats.fmt_t(r) for _, r in gaps.iterrows()],
                          "sign +/-/tie": [f"{a}/{b}/{c}" for a, b, c in zip(gaps["n_pos"], gaps["n_neg"],
                                                                            gaps["n_ties"])],
                          f"{treatment} selected after its first knot": gaps["after_knot"]})

@@ -138,10 +138,12 @@ def _fmt_ci(r) -> str:
 
 
 def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
-    """Display rows of `comparisons`: difference [95% CI] in accuracy points, the sign test, the verdict."""
+    """Display rows of `comparisons`: difference [95% bootstrap CI] and paired t CI in accuracy points, the sign
+    test, the verdict (from the bootstrap interval)."""
     return pd.DataFrame({
         "treatment": comp["treatment"], "control": comp["control"], "task": comp["task"],
         "pairs": comp["n_pairs"], "difference [95% CI] (pp)": [_fmt_ci(r) for _, r in comp.iterrows()],
+        "paired t 95% CI (pp)": [stats.fmt_t(r) for _, r in comp.iterrows()],
         "sign test +/-/ties": [f"{a}/{b}/{c}" for a, b, c in zip(comp["n_pos"], comp["n_neg"], comp["n_ties"])],
         "sign p": [f"{p:.3g}" if math.isfinite(p) else "-" for p in comp["sign_p"]], "verdict": comp["verdict"]})
 
@@ -383,7 +385,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     tables = [("table_real_main", main, None, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std "
                "over seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
               ("table_real_comparisons", comparison_table(comp) if len(comp) else comp, comp,
-               "Paired differences (pp) per task and pooled, 95% percentile bootstrap CI, exact sign test",
+               "Paired differences (pp) per task and pooled, 95% bootstrap CI, paired t CI, exact sign test",
                lambda d: plot_forest(comp, fig_dir) + plot_forest(comp, fig_dir, "fig_real_forest_vs_cola3",
                                                                   VS_COLA3, COLA3)),
               ("table_real_table4", t4, None, "Table 4 analogue: test accuracy vs chain length at 5 epochs",
