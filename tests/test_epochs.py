@@ -75,6 +75,9 @@ def test_dev_loss_gaps_pair_same_seed_and_lr_and_treat_a_seed_as_one_unit():
     for (_, r), u in zip(g.iterrows(), units):
         assert r["ci_lo"] >= u.min() - 1e-12 and r["ci_hi"] <= u.max() + 1e-12  # a bootstrap of the seed means
     assert g["ci_hi"].iloc[0] - g["ci_lo"].iloc[0] > 0.002  # seeds, not pairs, are resampled: spread is kept
+    half = 4.302652729749464 * 0.005 / math.sqrt(3)  # t_{0.975, 2} * sd(seed units) / sqrt(3 seeds)
+    np.testing.assert_allclose(g["t_lo"], planted - half, atol=1e-12)
+    np.testing.assert_allclose(g["t_hi"], planted + half, atol=1e-12)
     table = epochs.gap_table(g, "COLA-3", "LoRA")
     assert list(table.columns) == ["task", "pairs (seeds)", "epoch 1", "epoch 2*", "epoch 3*", "epoch 4*", "epoch 5*"]
     assert table["pairs (seeds)"].iloc[0] == "6 (3)" and table["epoch 5*"].iloc[0].startswith("-0.060 [")

@@ -85,11 +85,12 @@ def best_epoch_table(runs: pd.DataFrame, variants: tuple[str, ...], tasks: tuple
 def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...],
                   by_lr: bool = False) -> pd.DataFrame:
     """Per (task, epoch), or per (task, LR, epoch) with `by_lr` (lr is nan otherwise): n_pairs, the mean dev loss
-    of each arm, the mean paired difference treatment - control with its 95% bootstrap interval over seeds, and
-    whether the epoch ends after the treatment's first knot. Pairs: the same (task, seed, lr) in both arms, with a
+    of each arm, the mean paired difference treatment - control with its 95% bootstrap and paired t intervals
+    over seeds (the t interval is in the numeric table only), and whether the epoch ends after the treatment's
+    first knot. Pairs: the same (task, seed, lr) in both arms, with a
     dev loss at every epoch."""
     cols = ["task", "lr", "epoch", "after_first_knot", "n_pairs", "n_seeds", "control_loss", "treatment_loss",
-            "mean_diff", "ci_lo", "ci_hi"]
+            "mean_diff", "ci_lo", "ci_hi", "t_lo", "t_hi"]
     if runs is None or runs.empty or "dev_loss_per_epoch" not in runs:
         return pd.DataFrame(columns=cols)
     have = runs[runs["dev_loss_per_epoch"].map(lambda x: isinstance(x, list | tuple) and len(x) > 0)]
@@ -114,10 +115,11 @@ def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
                 # the LRs of one seed share its sample: one unit per seed (its mean over LRs), seeds resampled
                 units = np.array([d[seeds == s].mean() for s in np.unique(seeds)])
                 lo, hi = stats.bootstrap_ci([units])  # nan below stats.MIN_PAIRS seeds
+                t_lo, t_hi = stats.t_ci([units])
                 rows.append({"task": task, "lr": lr, "epoch": e + 1, "after_first_knot": bool(e + 1 > knot + 1e-9),
                              "n_pairs": int(d.size), "n_seeds": int(units.size),
                              "control_loss": float(lc[:, e].mean()), "treatment_loss": float(lt[:, e].mean()),
-                             "mean_diff": float(units.mean()), "ci_lo": lo, "ci_hi": hi})
+                             "mean_diff": float(units.mean()), "ci_lo": lo, "ci_hi": hi, "t_lo": t_lo, "t_hi": t_hi})
     return pd.DataFrame(rows, columns=cols)
 
 
