@@ -87,8 +87,7 @@ def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
     """Per (task, epoch), or per (task, LR, epoch) with `by_lr` (lr is nan otherwise): n_pairs, the mean dev loss
     of each arm, the mean paired difference treatment - control with its 95% bootstrap and paired t intervals
     over seeds (the t interval is in the numeric table only), and whether the epoch ends after the treatment's
-    first knot. Pairs: the same (task, seed, lr) in both arms, with a
-    dev loss at every epoch."""
+    first knot. Pairs: the same (task, seed, lr) in both arms, with a dev loss at every epoch."""
     cols = ["task", "lr", "epoch", "after_first_knot", "n_pairs", "n_seeds", "control_loss", "treatment_loss",
             "mean_diff", "ci_lo", "ci_hi", "t_lo", "t_hi"]
     if runs is None or runs.empty or "dev_loss_per_epoch" not in runs:
@@ -163,8 +162,8 @@ def plot_dev_loss(gaps: pd.DataFrame, knots: dict[str, list[float]], fig_dir: Pa
 def fixed_lr_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
     """Per (task, LR), no LR selection: test accuracy treatment - control at the same seed (`stats.compare` on the
     runs of that LR alone: mean, 95% bootstrap and paired t CIs over seeds, sign test), with the mean test
-    accuracy of each arm
-    and how many treatment runs selected an epoch after their first knot (only those can differ)."""
+    accuracy of each arm and how many treatment runs selected an epoch after their first knot (only those can
+    differ)."""
     cols = ["task", "lr", "n_pairs", "control_acc", "treatment_acc", "mean_diff", "ci_lo", "ci_hi", "t_lo", "t_hi",
             "n_pos", "n_neg", "n_ties", "after_knot"]
     if runs is None or runs.empty:

@@ -182,8 +182,7 @@ def _row(task, treatment, control, groups, flat, n_resamples, seed) -> dict:
     return {"task": task, "treatment": treatment, "control": control, "n_pairs": int(flat.size),
             "n_tasks": len(groups), "mean_diff": float(np.mean([g.mean() for g in groups])), "ci_lo": lo,
             "ci_hi": hi, "t_lo": t_lo, "t_hi": t_hi, "n_pos": s.n_pos, "n_neg": s.n_neg, "n_ties": s.n_ties,
-            "sign_p": s.p,
-            "verdict": verdict(lo, hi, int(flat.size)), "diffs": [float(x) for x in flat]}
+            "sign_p": s.p, "verdict": verdict(lo, hi, int(flat.size)), "diffs": [float(x) for x in flat]}
 
 
 def fmt_t(row) -> str:
@@ -195,10 +194,9 @@ def describe(row) -> str:
     """'+1.23 pp, 95% CI [+0.40, +2.10], paired t [-0.50, +2.96], fragile: the t interval contains 0 (5 pairs;
     sign test 5+/0-, p = 0.0625)' for one `compare` row."""
     ci = "no interval" if not math.isfinite(row["ci_lo"]) else f"[{row['ci_lo']:+.2f}, {row['ci_hi']:+.2f}]"
-    t_lo, t_hi = row.get("t_lo", math.nan), row.get("t_hi", math.nan)
-    if math.isfinite(t_lo):
-        ci += f", paired t [{t_lo:+.2f}, {t_hi:+.2f}]"
-        if row["verdict"] in (SUPPORTED, NOT_SUPPORTED) and t_lo <= 0 <= t_hi:
+    if math.isfinite(row["t_lo"]):
+        ci += f", paired t {fmt_t(row)}"
+        if row["verdict"] in (SUPPORTED, NOT_SUPPORTED) and row["t_lo"] <= 0 <= row["t_hi"]:
             ci += ", fragile: the t interval contains 0"
     p = "p = -" if not math.isfinite(row["sign_p"]) else f"p = {row['sign_p']:.3g}"
     ties = f", {row['n_ties']} tie(s) dropped" if row["n_ties"] else ""
