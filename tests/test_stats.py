@@ -46,6 +46,29 @@ def test_lr_is_chosen_on_dev_with_ties_to_the_lower_lr():
     assert stats.select_lr_per_seed(runs.iloc[:0]).empty
 
 
+def test_arms_that_tried_different_lrs_are_compared_on_their_common_grid():
+    runs = pd.DataFrame([  # task, variant, seed, lr, dev, test
+        ("rte", "LoRA", 0, 1e-3, 60.0, 61.0), ("rte", "LoRA", 0, 1e-4, 70.0, 75.0),  # LoRA alone picks 1e-4
+        ("rte", "COLA-3", 0, 1e-3, 65.0, 64.0),  # the chain tried 1e-3 only: LoRA is chosen again on {1e-3}
+        ("rte", "LoRA", 1, 1e-3, 60.0, 62.0), ("rte", "LoRA", 1, 1e-4, 70.0, 73.0),
+        ("rte", "COLA-3", 1, 1e-3, 61.0, 66.0), ("rte", "COLA-3", 1, 1e-4, 69.0, 70.0),  # same grid: own choices
+        ("rte", "LoRA", 2, 1e-3, 60.0, 60.0), ("rte", "COLA-3", 2, 8e-4, 60.0, 90.0),  # no common LR: left out
+    ], columns=["task", "variant", "seed", "lr", "dev_acc", "test_acc"])
+    sel = stats.select_lr_per_seed(runs)
+    assert sel.set_index(["variant", "seed"]).loc[("LoRA", 0), "lr"] == 1e-4  # the cell's own choice is kept
+    pairs = stats.paired(sel, "COLA-3").set_index("seed")
+    assert list(pairs.index) == [0, 1]
+    assert pairs.loc[0, "control"] == 61.0 and pairs.loc[0, "diff"] == pytest.approx(3.0) and pairs.loc[0, "regridded"]
+    assert pairs.loc[1, "diff"] == pytest.approx(70.0 - 73.0) and not pairs.loc[1, "regridded"]
+    comp = stats.compare(sel, "COLA-3").set_index("task")
+    assert comp.loc["rte", "n_pairs"] == 2 and comp.loc["rte", "n_regridded"] == 1
+    assert comp.loc["pooled", "n_regridded"] == 1 and "1 pair(s) on their common LR grid" in stats.describe(
+        comp.loc["pooled"].to_dict() | {"task": "pooled"})
+    # a frame of runs at one LR (no grid column) is paired as it is
+    plain = stats.paired(runs[runs["lr"] == 1e-3].drop(columns="lr"), "COLA-3")
+    assert list(plain["diff"]) == pytest.approx([3.0, 4.0]) and not plain["regridded"].any()
+
+
 def test_paired_differences_are_exact_and_seed_matched():
     planted = {"rte": [1.0, 2.0, -0.5, 3.0, 0.5], "wsc": [4.0, 4.0, 4.0]}
     sel = stats.select_lr_per_seed(runs_from(planted))

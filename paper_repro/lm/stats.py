@@ -9,7 +9,9 @@ percent):
   A cell where no run has a dev accuracy is kept only when it has exactly one LR ("single LR"); otherwise it is
   dropped (no LR can be chosen without looking at test).
 - Paired difference, per task: treatment - control at the same seed (same seed = same MeZO sample, so the pair
-  shares its train / dev / test data); seeds present in only one arm are left out.
+  shares its train / dev / test data); seeds present in only one arm are left out. The LR grid is part of the
+  budget: where the two arms of a pair tried different LRs (a grid still filling in), both are chosen again, by
+  the same rule, on the LRs they have in common (no common LR: the pair is left out); `compare` counts them.
 - Interval: 95% percentile bootstrap of the mean paired difference (10,000 resamples of the seeds, with
   replacement; numpy Generator seeded, so the interval is reproducible). Pooled over tasks: the mean of the
   per-task mean differences (every task weighs the same), resampling seeds WITHIN each task.
@@ -50,41 +52,67 @@ _TOL = 1e-9  # dev accuracies closer than this are a tie
 MIN_PAIRS = 2  # fewer paired seeds than this in a task: no interval, no place in the pooled row
 
 
+def choose(grid: dict[float, tuple[float, float]]) -> tuple[float, str] | None:
+    """The selection rule on one cell's finished runs, lr -> (dev_acc, test_acc): (lr, how), or None when no LR
+    can be chosen without looking at test."""
+    with_dev = {lr: dt for lr, dt in grid.items() if math.isfinite(dt[0])}
+    if with_dev:
+        best = max(dev for dev, _ in with_dev.values())
+        tied = sorted(lr for lr, (dev, _) in with_dev.items() if dev >= best - _TOL)
+        return tied[0], "best dev" + (f" (tie of {len(tied)} -> lower LR)" if len(tied) > 1 else "")
+    return (next(iter(grid)), "single LR") if len(grid) == 1 else None
+
+
 def select_lr_per_seed(runs: pd.DataFrame, keys: Sequence[str] = ("task", "variant", "seed")) -> pd.DataFrame:
-    """One row per `keys` cell: the dev-selected run's lr, dev_acc, test_acc, plus lrs_tried and selected_by."""
+    """One row per `keys` cell: the dev-selected run's lr, dev_acc, test_acc, plus lrs_tried, selected_by and
+    grid (lr -> (dev_acc, test_acc) of the cell's finished runs, for re-selection on a common grid)."""
     keys = list(keys)
-    cols = [*keys, "lr", "dev_acc", "test_acc", "lrs_tried", "selected_by"]
+    cols = [*keys, "lr", "dev_acc", "test_acc", "lrs_tried", "selected_by", "grid"]
     if runs is None or runs.empty:
         return pd.DataFrame(columns=cols)
     out = []
     for cell, grp in runs.groupby(keys, sort=True):
         cell = cell if isinstance(cell, tuple) else (cell,)
-        done = grp[np.isfinite(grp["test_acc"].astype(float))]
-        with_dev = done[np.isfinite(done["dev_acc"].astype(float))]
-        if len(with_dev):
-            best = with_dev["dev_acc"].max()
-            tied = with_dev[with_dev["dev_acc"] >= best - _TOL].sort_values("lr", kind="stable")
-            row, how = tied.iloc[0], "best dev" + (f" (tie of {len(tied)} -> lower LR)" if len(tied) > 1 else "")
-        elif done["lr"].nunique() == 1:
-            row, how = done.iloc[0], "single LR"
-        else:
+        done = grp[np.isfinite(grp["test_acc"].astype(float))].sort_values("lr", kind="stable")
+        grid: dict[float, tuple[float, float]] = {}
+        for lr, dev, test in zip(done["lr"], done["dev_acc"], done["test_acc"]):
+            grid.setdefault(float(lr), (float(dev), float(test)))  # a repeated LR: the first run counts
+        picked = choose(grid)
+        if picked is None:
             continue  # no dev accuracy and several LRs: nothing can be chosen without test
-        out.append({**dict(zip(keys, cell)), "lr": float(row["lr"]), "dev_acc": float(row["dev_acc"]),
-                    "test_acc": float(row["test_acc"]), "lrs_tried": int(grp["lr"].nunique()), "selected_by": how})
+        lr, how = picked
+        out.append({**dict(zip(keys, cell)), "lr": lr, "dev_acc": grid[lr][0], "test_acc": grid[lr][1],
+                    "lrs_tried": int(grp["lr"].nunique()), "selected_by": how, "grid": grid})
     return pd.DataFrame(out, columns=cols)
 
 
+def _on_common_grid(t_grid: dict, c_grid: dict) -> tuple[float, float, bool] | None:
+    """(treatment test, control test, regridded) of one pair: both arms chosen on the LRs they share (their own
+    choices when they tried the same LRs); None: no common LR, or no choice possible."""
+    common = set(t_grid) & set(c_grid)
+    t = choose({lr: v for lr, v in t_grid.items() if lr in common}) if common else None
+    c = choose({lr: v for lr, v in c_grid.items() if lr in common}) if common else None
+    return None if t is None or c is None else (t_grid[t[0]][1], c_grid[c[0]][1], set(t_grid) != set(c_grid))
+
+
 def paired(sel: pd.DataFrame, treatment: str, control: str = "LoRA") -> pd.DataFrame:
-    """Per (task, seed) present in both arms: test_acc of treatment and control and their difference."""
-    cols = ["task", "seed", "treatment", "control", "diff"]
+    """Per (task, seed) present in both arms: test_acc of treatment and control, their difference, and whether
+    the pair was chosen again on a common LR grid (rows of `select_lr_per_seed`; a frame without a grid column,
+    e.g. runs at one fixed LR, is paired as it is)."""
+    cols = ["task", "seed", "treatment", "control", "diff", "regridded"]
     if sel is None or sel.empty:
         return pd.DataFrame(columns=cols)
-    t = sel[sel["variant"] == treatment][["task", "seed", "test_acc"]]
-    c = sel[sel["variant"] == control][["task", "seed", "test_acc"]]
+    extra = ["grid"] if "grid" in sel.columns else []
+    t = sel[sel["variant"] == treatment][["task", "seed", "test_acc", *extra]]
+    c = sel[sel["variant"] == control][["task", "seed", "test_acc", *extra]]
     both = t.merge(c, on=["task", "seed"], suffixes=("_t", "_c")).sort_values(["task", "seed"])
-    return pd.DataFrame({"task": both["task"], "seed": both["seed"], "treatment": both["test_acc_t"],
-                         "control": both["test_acc_c"], "diff": both["test_acc_t"] - both["test_acc_c"]},
-                        columns=cols).reset_index(drop=True)
+    rows = []
+    for r in both.to_dict("records"):
+        got = _on_common_grid(r["grid_t"], r["grid_c"]) if extra else (r["test_acc_t"], r["test_acc_c"], False)
+        if got is not None:
+            rows.append({"task": r["task"], "seed": r["seed"], "treatment": got[0], "control": got[1],
+                         "diff": got[0] - got[1], "regridded": got[2]})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def bootstrap_ci(groups: Sequence[Sequence[float]], n_resamples: int = N_RESAMPLES, level: float = LEVEL,
@@ -156,23 +184,27 @@ def verdict(lo: float, hi: float, n_pairs: int) -> str:
 def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Sequence[str] | None = None,
             n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
     """treatment - control per task and pooled (task = "pooled"): n_pairs, mean_diff, ci_lo, ci_hi, the sign
-    test (n_pos, n_neg, n_ties, sign_p) and the verdict. Tasks in `tasks` order (default: sorted); tasks without
-    a pair are left out; the pooled row averages the tasks with at least MIN_PAIRS pairs (none: no pooled row)."""
+    test (n_pos, n_neg, n_ties, sign_p), the verdict and n_regridded (pairs chosen on a common LR grid). Tasks
+    in `tasks` order (default: sorted); tasks without a pair are left out; the pooled row averages the tasks with
+    at least MIN_PAIRS pairs (none: no pooled row)."""
     pairs = paired(sel, treatment, control)
     order = list(tasks) if tasks is not None else sorted(set(pairs["task"]))
-    rows, groups = [], []
+    rows, groups, pooled_regrid = [], [], 0
     for task in order:
         d = pairs.loc[pairs["task"] == task, "diff"].to_numpy(dtype=float)
         if d.size == 0:
             continue
+        regrid = int(pairs.loc[pairs["task"] == task, "regridded"].sum())
         if d.size >= MIN_PAIRS:
             groups.append(d)
-        rows.append(_row(task, treatment, control, [d], d, n_resamples, seed))
+            pooled_regrid += regrid
+        rows.append({**_row(task, treatment, control, [d], d, n_resamples, seed), "n_regridded": regrid})
     if groups:
-        rows.append(_row("pooled", treatment, control, groups, np.concatenate(groups), n_resamples, seed))
+        rows.append({**_row("pooled", treatment, control, groups, np.concatenate(groups), n_resamples, seed),
+                     "n_regridded": pooled_regrid})
     return pd.DataFrame(rows, columns=["task", "treatment", "control", "n_pairs", "n_tasks", "mean_diff", "ci_lo",
                                        "ci_hi", "t_lo", "t_hi", "n_pos", "n_neg", "n_ties", "sign_p", "verdict",
-                                       "diffs"])
+                                       "n_regridded", "diffs"])
 
 
 def _row(task, treatment, control, groups, flat, n_resamples, seed) -> dict:
@@ -200,6 +232,8 @@ def describe(row) -> str:
             ci += ", fragile: the t interval contains 0"
     p = "p = -" if not math.isfinite(row["sign_p"]) else f"p = {row['sign_p']:.3g}"
     ties = f", {row['n_ties']} tie(s) dropped" if row["n_ties"] else ""
+    regrid = int(row.get("n_regridded", 0) or 0)
+    ties += f"; {regrid} pair(s) on their common LR grid" if regrid else ""
     where = f"{row['n_pairs']} pairs" + (f" over {row['n_tasks']} tasks" if row["task"] == "pooled" else "")
     return (f"{row['mean_diff']:+.2f} pp, 95% CI {ci} ({where}; sign test {row['n_pos']}+/{row['n_neg']}-"
             f"{ties}, {p})")
