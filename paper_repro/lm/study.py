@@ -337,22 +337,23 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
 
 def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=print):
     """([(title, markdown)], verdicts) of the `real` study; 'not run yet: k of N runs present' when incomplete."""
-    from paper_repro.lm.profiles import REAL_CPU_LRS, REAL_CPU_SEEDS, REAL_TASKS, STEPDOWN_RANKS, STEPDOWN_TASKS
+    from paper_repro.lm import profiles as pr
     from paper_repro.lm.tables import to_markdown
     from paper_repro.report import Verdict
 
     title = "Real model at the paper's protocol: SmolLM2-135M, LoRA vs COLA (profile `real`)"
     runs, cov = load_study(results_dir, warn=log)
     groups = ", ".join(f"{g}: {coverage_line(cov, g)}" for g in dict.fromkeys(cov["group"]) if g != "all")
+    fallback = ", ".join({"sst2": "SST-2"}.get(t, t.upper()) for t in pr.REAL_CPU_TASKS)
     how = (f"run with `{RUN} --profile real --only lm` (GPU; `--missing` lists what is left) or the CPU fallback "
-           f"`{RUN} --profile real-cpu --only lm` (SST-2 and RTE, LoRA vs COLA-3, seeds "
-           f"{', '.join(map(str, REAL_CPU_SEEDS))}, LR {', '.join(f'{x:g}' for x in REAL_CPU_LRS)})")
+           f"`{RUN} --profile real-cpu --only lm` ({fallback}; LoRA vs COLA-3, seeds "
+           f"{', '.join(map(str, pr.REAL_CPU_SEEDS))}, LR {', '.join(f'{x:g}' for x in pr.REAL_CPU_LRS)})")
     head = f"**{coverage_line(cov)}** ({groups}); {how}.\n\n{stats.__doc__.split(chr(10) + chr(10), 1)[1]}\n"
     if runs.empty:
         return [(title, head)], [Verdict(c, "real: SmolLM2-135M", "not run", coverage_line(cov))
                                  for c in ("cola_ge_lora", "chain_length", "step_down")]
     sel = stats.select_lr_per_seed(runs)
-    comp = comparisons(sel, REAL_TASKS)
+    comp = comparisons(sel, pr.REAL_TASKS)
     devs = deviations(runs)
     vs = verdicts(comp, deviations(runs, short=True), coverage=coverage_line(cov))
     tdir = fig_dir / "tables"
@@ -371,7 +372,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     if len(jag):
         parts.append("- (jagged cosine re-warm-up after each knot, steps per task: "
                      + ", ".join(f"{t} {int(k)}" for t, k in jag.items()) + ")")
-    main = per_variant_table(sel, {"LoRA": LORA, "COLA-3": COLA3}, REAL_TASKS)
+    main = per_variant_table(sel, {"LoRA": LORA, "COLA-3": COLA3}, pr.REAL_TASKS)
     if len(main) and len(comp):
         c3 = comp[(comp["treatment"] == COLA3) & (comp["control"] == LORA)].set_index("task")
         main["COLA-3 - LoRA [95% CI]"] = [_fmt_ci(c3.loc[t]) if t in c3.index else "-" for t in main["task"]]
@@ -379,8 +380,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
         zs = runs[runs["variant"] == LORA].groupby("task")["zero_shot_acc"].mean()
         main["no fine-tuning"] = [f"{zs.get(t, math.nan):.2f}" if math.isfinite(zs.get(t, math.nan)) else "-"
                                   for t in main["task"]]
-    t4 = table4(sel, REAL_TASKS)
-    f3 = fig3_table(sel, STEPDOWN_TASKS, STEPDOWN_RANKS)
+    t4 = table4(sel, pr.REAL_TASKS)
+    f3 = fig3_table(sel, pr.STEPDOWN_TASKS, pr.STEPDOWN_RANKS)
     variants = tuple(dict.fromkeys([LORA, COLA3, *sorted(set(runs["variant"]))]))
     tables = [("table_real_main", main, None, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std "
                "over seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
@@ -392,10 +393,10 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                lambda d: plot_lines(d, [f"length {n}" for n in LENGTHS], list(LENGTHS), fig_dir, "fig_real_table4",
                                     "chain length (1 = LoRA)")),
               ("fig3_real_rank_stepdown", f3, None, "Figure 3 analogue: rank 8 for 3 epochs, then r for 2, vs LoRA "
-               "r=8", lambda d: plot_lines(d, [f"r={r}" for r in STEPDOWN_RANKS], list(STEPDOWN_RANKS), fig_dir,
+               "r=8", lambda d: plot_lines(d, [f"r={r}" for r in pr.STEPDOWN_RANKS], list(pr.STEPDOWN_RANKS), fig_dir,
                                            "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
                                            baseline="LoRA r=8")),
-              *epochs.report_tables(runs, COLA3, LORA, REAL_TASKS, variants, fig_dir)]
+              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir)]
     for name, frame, numeric, caption, plot in tables:
         if frame is None or frame.empty:
             parts.append(f"\n### {caption}\n\nno results yet.\n")
