@@ -191,10 +191,11 @@ def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Seq
     order = list(tasks) if tasks is not None else sorted(set(pairs["task"]))
     rows, groups, pooled_regrid = [], [], 0
     for task in order:
-        d = pairs.loc[pairs["task"] == task, "diff"].to_numpy(dtype=float)
+        mine = pairs[pairs["task"] == task]
+        d = mine["diff"].to_numpy(dtype=float)
         if d.size == 0:
             continue
-        regrid = int(pairs.loc[pairs["task"] == task, "regridded"].sum())
+        regrid = int(mine["regridded"].sum())
         if d.size >= MIN_PAIRS:
             groups.append(d)
             pooled_regrid += regrid
@@ -231,9 +232,9 @@ def describe(row) -> str:
         if row["verdict"] in (SUPPORTED, NOT_SUPPORTED) and row["t_lo"] <= 0 <= row["t_hi"]:
             ci += ", fragile: the t interval contains 0"
     p = "p = -" if not math.isfinite(row["sign_p"]) else f"p = {row['sign_p']:.3g}"
-    ties = f", {row['n_ties']} tie(s) dropped" if row["n_ties"] else ""
     regrid = int(row.get("n_regridded", 0) or 0)
-    ties += f"; {regrid} pair(s) on their common LR grid" if regrid else ""
+    ties = (f", {row['n_ties']} tie(s) dropped" if row["n_ties"] else "") + (
+        f"; {regrid} pair(s) on their common LR grid" if regrid else "")
     where = f"{row['n_pairs']} pairs" + (f" over {row['n_tasks']} tasks" if row["task"] == "pooled" else "")
     return (f"{row['mean_diff']:+.2f} pp, 95% CI {ci} ({where}; sign test {row['n_pos']}+/{row['n_neg']}-"
             f"{ties}, {p})")
