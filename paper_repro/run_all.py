@@ -1,6 +1,6 @@
 """Run every experiment of the reproduction, resumably, then build the figures, tables and figures/REPORT.md.
 
-    python paper_repro/run_all.py [--profile smoke|cpu|gpu|real|real-cpu] [--only theory,lm,figures] [--force]
+    python paper_repro/run_all.py [--profile smoke|cpu|gpu|real|real-cpu|...] [--only theory,lm,figures] [--force]
                                   [--shard i/n] [--results-dir DIR] [--figures-dir DIR] [--data-dir DIR]
                                   [--device cpu|cuda] [--dry-run] [--set FIELD=VALUE ...]
 
@@ -9,7 +9,8 @@ theory suite + SmolLM2-135M on real SST-2 / RTE subsets, ~15 min on 2 cores), gp
 Llama-2-7B, 7 tasks, LoRA vs COLA, 5 seeds x 5 LRs, Table 4, Figure 3; 1175 LM runs, meant for --shard), real
 (SmolLM2-135M at the paper's protocol on the 7 tasks: LoRA vs COLA-3, Table 4 / Figure 3 analogues and the
 ablation, 5 seeds x 5 LRs; 1525 LM runs, ~3 GPU-hours), real-cpu (its CPU fallback: SST-2 / RTE / CB / WSC,
-LoRA vs COLA-3, seeds 0-2, LR 1e-3 / 8e-4 / 1e-4; 72 of the real runs). `--missing` prints what a profile still
+LoRA vs COLA-3, seeds 0-2, LR 1e-3 / 8e-4 / 1e-4; 72 of the real runs), real-cpu-ablation (its second CPU tier:
+the ablation on SST-2 / CB at the same seeds and LRs; 90 of the real runs). `--missing` prints what a profile still
 lacks, by shard.
 
 Resumable: a job whose result file is intact (sha256) and was made with the same config is skipped; a killed
@@ -36,7 +37,8 @@ from cola_theory.paths import check_writable  # noqa: E402
 from paper_repro.lm.profiles import PROFILES  # noqa: E402
 
 PARTS = ("theory", "lm", "figures")
-THEORY_SIZE = {"smoke": "smoke", "cpu": "full", "gpu": "full", "real": "full", "real-cpu": "full"}
+THEORY_SIZE = {"smoke": "smoke", "cpu": "full", "gpu": "full", "real": "full", "real-cpu": "full",
+               "real-cpu-ablation": "full"}
 EXIT_BOUND, EXIT_ARGS, EXIT_FAILED = 1, 2, 3
 
 

@@ -67,6 +67,34 @@ def test_real_cpu_is_a_labelled_subset_of_real(real):
     assert "FALLBACK" in profiles.real_cpu_jobs.__doc__
 
 
+
+def test_real_cpu_ablation_is_the_real_ablation_on_sst2_and_cb(real):
+    abl = jobs_for("real-cpu-ablation")
+    by_id = {j.job_id: j for j in real}
+    assert len(abl) == 2 * 5 * 3 * 3 and len({j.job_id for j in abl}) == len(abl)
+    assert all(j.job_id in by_id and "real_ablation" in by_id[j.job_id].groups for j in abl)  # counts towards real
+    assert {j.cfg.task for j in abl} == {"sst2", "cb"}
+    assert {j.cfg.seed for j in abl} == {0, 1, 2} and {j.cfg.lr for j in abl} == {1e-3, 8e-4, 1e-4}
+    # every ablation cell of `real` for those tasks / seeds / LRs, and nothing that `real-cpu` already has
+    want = {j.job_id for j in real if "real_ablation" in j.groups and j.cfg.task in ("sst2", "cb")
+            and j.cfg.seed in (0, 1, 2) and j.cfg.lr in (1e-3, 8e-4, 1e-4)} - {j.job_id for j in jobs_for("real-cpu")}
+    assert {j.job_id for j in abl} == want
+    per_group = Counter(g for j in abl for g in j.groups)
+    assert per_group == {"real_cpu_ablation": 90, **{g: 18 for g in profiles.ABLATION_GROUPS.values()}}
+    restart = [j.cfg for j in abl if "abl_restart" in j.groups]
+    assert all(c.lr_schedule == "restart" and c.n_links == 3 and c.optimizer_reset == "full" for c in restart)
+    no_reset = [j.cfg for j in abl if "abl_no_reset" in j.groups]
+    assert all(c.optimizer_reset == "none" and c.lr_schedule == "linear" for c in no_reset)
+    assert {j.cfg.n_links for j in abl if {"abl_cola2", "abl_cola5"} & set(j.groups)} == {2, 5}
+    assert "FALLBACK" in profiles.real_cpu_ablation_jobs.__doc__
+
+
+def test_group_runs_one_ablation_variant(tmp_path, capsys):
+    assert run_all.main(["--profile", "real-cpu-ablation", "--only", "lm", "--group", "abl_restart", "--dry-run",
+                         "--results-dir", str(tmp_path)]) == 0
+    listed = [ln for ln in capsys.readouterr().out.splitlines() if "smollm2-135m/" in ln]
+    assert len(listed) == 18 and all("abl_restart" in ln for ln in listed)
+
 def test_existing_profiles_job_ids_are_unchanged():
     committed = {str(p.relative_to(ROOT / "paper_repro" / "results" / "lm").with_suffix(""))
                  for p in (ROOT / "paper_repro" / "results" / "lm").rglob("*.json") if "checkpoints" not in p.parts}

@@ -14,6 +14,8 @@ Profiles
   ablations that ask what makes a chain win (see `real_jobs`); meant for a GPU.
 - real-cpu: a FALLBACK subset of `real` for a CPU (SST-2, RTE, CB and WSC; LoRA vs COLA-3, seeds 0-2, LR 1e-3 /
   8e-4 / 1e-4); its jobs ARE `real` jobs (same configs, same result files), so they count towards `real` too.
+- real-cpu-ablation: the second CPU FALLBACK tier, the ablation of `real` on SST-2 and CB at the same seeds and LRs
+  (restart per link, jagged cosine, no optimizer reset, COLA-2, COLA-5); also `real` jobs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from cola_theory.lm.run_config import LMRunConfig
 
-PROFILES = ("smoke", "cpu", "gpu", "real", "real-cpu")
+PROFILES = ("smoke", "cpu", "gpu", "real", "real-cpu", "real-cpu-ablation")
 LR_GRID = (1e-3, 8e-4, 5e-4, 1e-4, 5e-5)  # paper section 3.4, selected on dev
 PAPER_SEEDS = (0, 1, 2, 3, 4)  # 5 seeds; the paper's seed values are [U]
 PAPER_TASKS = ("sst2", "wsc", "cb", "wic", "boolq", "multirc", "rte")
@@ -281,6 +283,30 @@ def real_cpu_jobs() -> list[LMJob]:
     return [LMJob(j.cfg, ("real_cpu",)) for j in jobs if j.cfg.n_links in (1, MAIN_LINKS)]
 
 
+# the ablation fallback's tasks: SST-2 has the cheapest protocol run on a CPU (~5 min of 2 cores per run) and the
+# largest test set (872); on CB every COLA-3 run of `real-cpu` was selected after its first knot, so what happens
+# across links decides its score. RTE (40 min per run) and WSC (not learned at this size: dev 47-52%) are left out.
+REAL_CPU_ABLATION_TASKS = ("sst2", "cb")
+# group label per ablation variant (`--group abl_restart` runs one variant; --missing counts each)
+ABLATION_GROUPS = {"lr restart per link": "abl_restart", "no optimizer reset": "abl_no_reset",
+                   "lr jagged cosine": "abl_jagged", "COLA-2": "abl_cola2", "COLA-5": "abl_cola5"}
+
+
+def real_cpu_ablation_jobs() -> list[LMJob]:
+    """Second CPU FALLBACK tier: the `real` ablation (what makes a chain win) where a CPU can afford it. On SST-2
+    and CB, seeds 0-2, LR 1e-3 / 8e-4 / 1e-4 (the grid of `real-cpu`, so each variant meets LoRA and COLA-3 on the
+    same seeds and its own dev choice among the same LRs): LR restart per link, jagged cosine, no optimizer reset,
+    COLA-2 and COLA-5. 90 runs, the same configs and result files as `real`; about 10 h on 2 cores (SST-2 runs
+    9-11 min in pairs, CB 13-16 min in packs of 3). Run a variant at a time: `--group abl_restart` first (the LR
+    across links is the open question), then abl_no_reset, abl_jagged, abl_cola5, abl_cola2."""
+    jobs = []
+    for task, lr, seed in product(REAL_CPU_ABLATION_TASKS, REAL_CPU_LRS, REAL_CPU_SEEDS):
+        variants = {**ablation_variants(task), "COLA-2": dict(method="cola", n_links=2)}
+        jobs += [LMJob(_real_cfg(task, lr=lr, seed=seed, **kw), ("real_cpu_ablation", ABLATION_GROUPS[name]))
+                 for name, kw in variants.items()]
+    return jobs
+
+
 def projected_gpu_seconds(jobs: list[LMJob]) -> float | None:
     """Projected H200 seconds of SmolLM2 protocol jobs: GPU_S_PER_625_STEPS per 625 optimizer steps (None: no
     such jobs, or a job of another model)."""
@@ -294,5 +320,6 @@ def jobs_for(profile: str) -> list[LMJob]:
     """The LM job list of a profile (raises ValueError naming the choices)."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r} is unknown; use one of {PROFILES}")
-    makers = {"smoke": smoke_jobs, "cpu": cpu_jobs, "gpu": gpu_jobs, "real": real_jobs, "real-cpu": real_cpu_jobs}
+    makers = {"smoke": smoke_jobs, "cpu": cpu_jobs, "gpu": gpu_jobs, "real": real_jobs, "real-cpu": real_cpu_jobs,
+              "real-cpu-ablation": real_cpu_ablation_jobs}
     return makers[profile]()
