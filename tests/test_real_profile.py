@@ -67,7 +67,6 @@ def test_real_cpu_is_a_labelled_subset_of_real(real):
     assert "FALLBACK" in profiles.real_cpu_jobs.__doc__
 
 
-
 def test_real_cpu_ablation_is_the_real_ablation_on_sst2_and_cb(real):
     abl = jobs_for("real-cpu-ablation")
     by_id = {j.job_id: j for j in real}
@@ -94,6 +93,7 @@ def test_group_runs_one_ablation_variant(tmp_path, capsys):
                          "--results-dir", str(tmp_path)]) == 0
     listed = [ln for ln in capsys.readouterr().out.splitlines() if "smollm2-135m/" in ln]
     assert len(listed) == 18 and all("abl_restart" in ln for ln in listed)
+
 
 def test_existing_profiles_job_ids_are_unchanged():
     committed = {str(p.relative_to(ROOT / "paper_repro" / "results" / "lm").with_suffix(""))

@@ -344,11 +344,14 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     title = "Real model at the paper's protocol: SmolLM2-135M, LoRA vs COLA (profile `real`)"
     runs, cov = load_study(results_dir, warn=log)
     groups = ", ".join(f"{g}: {coverage_line(cov, g)}" for g in dict.fromkeys(cov["group"]) if g != "all")
-    fallback = ", ".join({"sst2": "SST-2"}.get(t, t.upper()) for t in pr.REAL_CPU_TASKS)
+
+    def names(tasks: tuple[str, ...]) -> str:
+        return ", ".join({"sst2": "SST-2"}.get(t, t.upper()) for t in tasks)
+
     how = (f"run with `{RUN} --profile real --only lm` (GPU; `--missing` lists what is left) or the CPU fallback "
-           f"`{RUN} --profile real-cpu --only lm` ({fallback}; LoRA vs COLA-3, seeds "
+           f"`{RUN} --profile real-cpu --only lm` ({names(pr.REAL_CPU_TASKS)}; LoRA vs COLA-3, seeds "
            f"{', '.join(map(str, pr.REAL_CPU_SEEDS))}, LR {', '.join(f'{x:g}' for x in pr.REAL_CPU_LRS)}) and its "
-           f"second tier `--profile real-cpu-ablation` (the ablation on {', '.join(pr.REAL_CPU_ABLATION_TASKS)})")
+           f"second tier `--profile real-cpu-ablation` (the ablation on {names(pr.REAL_CPU_ABLATION_TASKS)})")
     head = f"**{coverage_line(cov)}** ({groups}); {how}.\n\n{stats.__doc__.split(chr(10) + chr(10), 1)[1]}\n"
     if runs.empty:
         return [(title, head)], [Verdict(c, "real: SmolLM2-135M", "not run", coverage_line(cov))
