@@ -109,6 +109,31 @@ def test_dev_loss_gaps_by_lr_keep_opposite_gaps_apart_that_pooling_cancels():
     assert table["epoch 5*"].tolist()[1].startswith("+0.030 [")
 
 
+def test_variant_gaps_stack_each_ablation_variant_against_lora_with_its_own_knots():
+    """Planted: without the reset the chain still fits more slowly than LoRA at the small LR (+0.02 from its knot
+    on); the restart variant is 0.05 above LoRA everywhere; COLA-5 has no LoRA pair and is left out."""
+    base = np.array([0.5, 0.42, 0.40, 0.39, 0.38])
+    rows = []
+    for seed in (0, 1, 2):
+        c = base + 0.01 * seed
+        rows += [("cb", "LoRA", seed, 1e-4, 5, list(c), math.inf),
+                 ("cb", "no reset", seed, 1e-4, 5, list(c + np.array([0, 0.02, 0.02, 0.02, 0.02])), 5 / 3),
+                 ("cb", "restart", seed, 1e-4, 5, list(c + 0.05), 5 / 3),
+                 ("cb", "COLA-5", seed, 1e-3, 5, list(c), 1.0)]
+    g = epochs.variant_gaps(_runs(rows), ("no reset", "restart", "COLA-5"), "LoRA", ("cb", "rte"))
+    assert list(g["treatment"].unique()) == ["no reset", "restart"] and (g["n_pairs"] == 3).all()
+    np.testing.assert_allclose(g[g["treatment"] == "no reset"]["mean_diff"], [0, 0.02, 0.02, 0.02, 0.02], atol=1e-12)
+    np.testing.assert_allclose(g[g["treatment"] == "restart"]["mean_diff"], 0.05, atol=1e-12)
+    # each variant's rows are its own dev_loss_gaps against the control
+    alone = epochs.dev_loss_gaps(_runs(rows), "restart", "LoRA", ("cb",), by_lr=True)
+    np.testing.assert_allclose(g[g["treatment"] == "restart"]["ci_lo"], alone["ci_lo"], atol=1e-12)
+    table = epochs.variant_gap_table(g, "LoRA")
+    assert list(table.columns[:3]) == ["treatment", "task", "LR"] and list(table["treatment"]) == ["no reset", "restart"]
+    assert table["epoch 2*"].iloc[0].startswith("+0.020 [") and table["epoch 1"].iloc[1].startswith("+0.050 [")
+    assert epochs.variant_gaps(_runs(rows), ("COLA-5",), "LoRA", ("cb",)).empty
+    assert epochs.variant_gap_table(pd.DataFrame(), "LoRA").empty
+
+
 def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
     """Through the real loader: per-epoch dev losses and steps per epoch from the metrics, the knots from the config."""
     results, fig = tmp_path / "results", tmp_path / "fig"
@@ -139,6 +164,8 @@ def test_the_report_section_shows_both_diagnostics_from_result_files(tmp_path):
     assert (fig / "fig_real_dev_loss_per_epoch.png").stat().st_size > 1000
     assert "| sst2 | 0.001 | 3 | 80.00 | 80.00 | +0.00 [+0.00, +0.00] | [+0.00, +0.00] | 0/0/3 | 0 of 3 |" in text
     assert "| sst2 | 0.0001 | 3 | 80.00 | 81.00 | +1.00 [+1.00, +1.00] | [+1.00, +1.00] | 3/0/0 | 3 of 3 |" in text
+    assert "### Dev loss per epoch, each ablation variant - LoRA" in text  # no ablation runs here
+    assert not (fig / "tables" / "table_real_ablation_dev_loss.csv").exists()
     fixed = pd.read_csv(fig / "tables" / "table_real_fixed_lr.csv")
     assert list(fixed["lr"]) == [1e-3, 8e-4, 5e-4, 1e-4, 5e-5] and (fixed["n_pairs"] == 3).all()
 

@@ -136,6 +136,25 @@ def gap_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def variant_gaps(runs: pd.DataFrame, treatments: tuple[str, ...], control: str,
+                 tasks: tuple[str, ...]) -> pd.DataFrame:
+    """`dev_loss_gaps` by LR of each treatment (each with its own knots) against one control, stacked with a
+    treatment column: which change to the chain moves its dev loss where, e.g. whether a chain without the optimizer
+    reset still fits more slowly than LoRA (then the knot, not the reset, slows it)."""
+    frames = [dev_loss_gaps(runs, t, control, tasks, by_lr=True).assign(treatment=t) for t in treatments]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def variant_gap_table(gaps: pd.DataFrame, control: str) -> pd.DataFrame:
+    """Display form of `variant_gaps`: `gap_table` rows of each treatment, a treatment column in front."""
+    if gaps.empty:
+        return pd.DataFrame()
+    parts = [gap_table(g, t, control).assign(treatment=t) for t, g in gaps.groupby("treatment", sort=False)]
+    table = pd.concat(parts, ignore_index=True).fillna("")
+    return table[["treatment", *[c for c in table.columns if c != "treatment"]]]
+
+
 def plot_dev_loss(gaps: pd.DataFrame, knots: dict[str, list[float]], fig_dir: Path, treatment: str, control: str,
                   name: str = "fig_real_dev_loss_per_epoch") -> list[Path]:
     """One panel per task: mean dev loss per epoch of both arms (control solid, treatment dashed), one colour per
@@ -200,12 +219,14 @@ def fixed_lr_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataF
 
 
 def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...],
-                  variants: tuple[str, ...], fig_dir: Path) -> list[tuple]:
+                  variants: tuple[str, ...], fig_dir: Path, ablation: tuple[str, ...] = ()) -> list[tuple]:
     """The diagnostics of this module as the study report writes them: (name, display frame, numeric frame or
-    None, caption, plot of the display frame or None) per table."""
+    None, caption, plot of the display frame or None) per table. `ablation`: the variants whose dev losses are
+    also compared with `control`'s."""
     gaps = dev_loss_gaps(runs, treatment, control, tasks)
     by_lr = dev_loss_gaps(runs, treatment, control, tasks, by_lr=True)
     fixed = fixed_lr_gaps(runs, treatment, control, tasks)
+    abl = variant_gaps(runs, ablation, control, tasks)
     same = f"{treatment} - {control} at the same task, seed and LR"
     marks = f"* = after {treatment}'s first knot; lower is better for {treatment}"
     return [("table_real_best_epoch", best_epoch_table(runs, variants, tasks), None,
@@ -218,4 +239,8 @@ def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
              lambda d: plot_dev_loss(by_lr, knots_per_task(runs, treatment), fig_dir, treatment, control)),
             ("table_real_fixed_lr", fixed_lr_table(fixed, treatment, control), fixed, "At each LR, no LR "
              f"selection: test accuracy (%) {treatment} - {control} at the same seed (a diagnostic beside the "
-             "dev-selected verdicts)", None)]
+             "dev-selected verdicts)", None),
+            ("table_real_ablation_dev_loss", variant_gap_table(abl, control), abl if len(abl) else None,
+             f"Dev loss per epoch, each ablation variant - {control} at the same task, seed and LR, each LR apart: "
+             "mean [95% bootstrap CI over seeds] (* = after the variant's first knot; lower is better for the "
+             "variant)", None)]

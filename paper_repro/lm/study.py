@@ -400,7 +400,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                "r=8", lambda d: plot_lines(d, [f"r={r}" for r in pr.STEPDOWN_RANKS], list(pr.STEPDOWN_RANKS), fig_dir,
                                            "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
                                            baseline="LoRA r=8")),
-              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir)]
+              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, VS_LORA[1:])]
     for name, frame, numeric, caption, plot in tables:
         if frame is None or frame.empty:
             parts.append(f"\n### {caption}\n\nno results yet.\n")
