@@ -64,6 +64,7 @@ def test_arms_that_tried_different_lrs_are_compared_on_their_common_grid():
     assert comp.loc["rte", "n_pairs"] == 2 and comp.loc["rte", "n_regridded"] == 1
     assert comp.loc["pooled", "n_regridded"] == 1 and "1 pair(s) on their common LR grid" in stats.describe(
         comp.loc["pooled"].to_dict() | {"task": "pooled"})
+    assert "(2 pairs over 1 task;" in stats.describe(comp.loc["pooled"].to_dict() | {"task": "pooled"})
     # a frame of runs at one LR (no grid column) is paired as it is
     plain = stats.paired(runs[runs["lr"] == 1e-3].drop(columns="lr"), "COLA-3")
     assert list(plain["diff"]) == pytest.approx([3.0, 4.0]) and not plain["regridded"].any()

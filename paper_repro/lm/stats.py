@@ -235,6 +235,8 @@ def describe(row) -> str:
     regrid = int(row.get("n_regridded", 0) or 0)
     ties = (f", {row['n_ties']} tie(s) dropped" if row["n_ties"] else "") + (
         f"; {regrid} pair(s) on their common LR grid" if regrid else "")
-    where = f"{row['n_pairs']} pairs" + (f" over {row['n_tasks']} tasks" if row["task"] == "pooled" else "")
+    n_tasks = row.get("n_tasks")
+    where = f"{row['n_pairs']} pairs" + (f" over {n_tasks} task{'' if n_tasks == 1 else 's'}"
+                                         if row["task"] == "pooled" else "")
     return (f"{row['mean_diff']:+.2f} pp, 95% CI {ci} ({where}; sign test {row['n_pos']}+/{row['n_neg']}-"
             f"{ties}, {p})")
