@@ -129,7 +129,9 @@ def test_variant_gaps_stack_each_ablation_variant_against_lora_with_its_own_knot
     np.testing.assert_allclose(g[g["treatment"] == "restart"]["ci_lo"], alone["ci_lo"], atol=1e-12)
     table = epochs.variant_gap_table(g, "LoRA")
     assert list(table.columns[:3]) == ["treatment", "task", "LR"] and list(table["treatment"]) == ["no reset", "restart"]
-    assert table["epoch 2*"].iloc[0].startswith("+0.020 [") and table["epoch 1"].iloc[1].startswith("+0.050 [")
+    assert table["epoch 2"].iloc[0].startswith("+0.020 [") and table["epoch 1"].iloc[1].startswith("+0.050 [")
+    assert table["epoch 2"].iloc[0].endswith("]*") and table["epoch 1"].iloc[1].endswith("]")  # knots per cell
+    assert [c for c in table.columns if c.startswith("epoch")] == [f"epoch {e}" for e in range(1, 6)]
     assert epochs.variant_gaps(_runs(rows), ("COLA-5",), "LoRA", ("cb",)).empty
     assert epochs.variant_gap_table(pd.DataFrame(), "LoRA").empty
 

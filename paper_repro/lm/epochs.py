@@ -122,16 +122,19 @@ def dev_loss_gaps(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
     return pd.DataFrame(rows, columns=cols)
 
 
-def gap_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataFrame:
+def gap_table(gaps: pd.DataFrame, treatment: str, control: str, star_cells: bool = False) -> pd.DataFrame:
     """Display form of `dev_loss_gaps`: one row per task (and LR, when kept apart), one column per epoch,
-    'diff [lo, hi]'; a '*' marks the epochs after the first knot (where the chain can differ)."""
+    'diff [lo, hi]'; a '*' marks the epochs after the first knot (where the chain can differ): on the column
+    header, or with `star_cells` on each cell (rows of chains whose knots differ share the epoch columns)."""
     rows = []
     for (task, lr), g in gaps.groupby(["task", "lr"], sort=False, dropna=False):
         row = {"task": task, **({} if math.isnan(lr) else {"LR": f"{lr:g}"}),
                "pairs (seeds)": f"{int(g['n_pairs'].max())} ({int(g['n_seeds'].max())})"}
         for _, r in g.iterrows():
             ci = f" [{r['ci_lo']:+.3f}, {r['ci_hi']:+.3f}]" if math.isfinite(r["ci_lo"]) else ""
-            row[f"epoch {r['epoch']}" + ("*" if r["after_first_knot"] else "")] = f"{r['mean_diff']:+.3f}{ci}"
+            star = "*" if r["after_first_knot"] else ""
+            key, cell = (f"epoch {r['epoch']}", star) if star_cells else (f"epoch {r['epoch']}{star}", "")
+            row[key] = f"{r['mean_diff']:+.3f}{ci}{cell}"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -147,10 +150,12 @@ def variant_gaps(runs: pd.DataFrame, treatments: tuple[str, ...], control: str,
 
 
 def variant_gap_table(gaps: pd.DataFrame, control: str) -> pd.DataFrame:
-    """Display form of `variant_gaps`: `gap_table` rows of each treatment, a treatment column in front."""
+    """Display form of `variant_gaps`: `gap_table` rows of each treatment (its knots starred per cell), a
+    treatment column in front."""
     if gaps.empty:
         return pd.DataFrame()
-    parts = [gap_table(g, t, control).assign(treatment=t) for t, g in gaps.groupby("treatment", sort=False)]
+    parts = [gap_table(g, t, control, star_cells=True).assign(treatment=t)
+             for t, g in gaps.groupby("treatment", sort=False)]
     table = pd.concat(parts, ignore_index=True).fillna("")
     return table[["treatment", *[c for c in table.columns if c != "treatment"]]]
 
@@ -240,7 +245,7 @@ def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
             ("table_real_fixed_lr", fixed_lr_table(fixed, treatment, control), fixed, "At each LR, no LR "
              f"selection: test accuracy (%) {treatment} - {control} at the same seed (a diagnostic beside the "
              "dev-selected verdicts)", None),
-            ("table_real_ablation_dev_loss", variant_gap_table(abl, control), abl if len(abl) else None,
+            ("table_real_ablation_dev_loss", variant_gap_table(abl, control), abl,
              f"Dev loss per epoch, each ablation variant - {control} at the same task, seed and LR, each LR apart: "
-             "mean [95% bootstrap CI over seeds] (* = after the variant's first knot; lower is better for the "
-             "variant)", None)]
+             "mean [95% bootstrap CI over seeds] (a value marked * is after the variant's first knot; lower is "
+             "better for the variant)", None)]

@@ -25,7 +25,8 @@ LORA, COLA3 = "LoRA", "COLA-3"
 RESTART, JAGGED, NO_RESET = "COLA-3, LR restart per link", "COLA-3, jagged cosine LR", "COLA-3, no opt. reset"
 # treatment -> control of every comparison: the main one, the chain lengths and the ablation, each vs LoRA, and
 # each ablation vs COLA-3 (what makes a chain win)
-VS_LORA = (COLA3, "COLA-2", "COLA-5", RESTART, JAGGED, NO_RESET)
+ABLATION = ("COLA-2", "COLA-5", RESTART, JAGGED, NO_RESET)
+VS_LORA = (COLA3, *ABLATION)
 VS_COLA3 = ("COLA-5", RESTART, JAGGED, NO_RESET)
 CHAIN_STEPS = (("COLA-2", LORA), (COLA3, "COLA-2"), ("COLA-5", COLA3))  # Table 4: each length vs the previous
 LENGTHS = (1, 2, 3, 5)
@@ -400,7 +401,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                "r=8", lambda d: plot_lines(d, [f"r={r}" for r in pr.STEPDOWN_RANKS], list(pr.STEPDOWN_RANKS), fig_dir,
                                            "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
                                            baseline="LoRA r=8")),
-              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, VS_LORA[1:])]
+              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, ABLATION)]
     for name, frame, numeric, caption, plot in tables:
         if frame is None or frame.empty:
             parts.append(f"\n### {caption}\n\nno results yet.\n")
