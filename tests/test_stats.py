@@ -167,3 +167,35 @@ def test_paired_t_interval_matches_scipy_and_flags_a_fragile_verdict():
     steady = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": [2.0, 3.0, 2.5, 3.5, 2.8]})), "COLA-3")
     assert steady.iloc[0]["t_lo"] > 0 and "fragile" not in stats.describe(steady.iloc[0])
     assert "paired t [" in stats.describe(steady.iloc[0])
+
+
+def test_minimum_detectable_effect_has_its_power_in_simulation():
+    """`mde` against an independent check: draw paired differences with the planted spread and mean = mde, run
+    scipy's t test on each draw; the rejection rate is the promised power. Large n: the normal approximation."""
+    from scipy.stats import norm, ttest_1samp, ttest_ind
+
+    d = np.array([-1.0, 0.5, 2.0])  # sample sd 1.5
+    delta = stats.mde([d])
+    rng = np.random.default_rng(0)
+    draws = rng.normal(delta, d.std(ddof=1), size=(40_000, d.size))
+    assert (ttest_1samp(draws, 0.0, axis=1).pvalue < 0.05).mean() == pytest.approx(0.80, abs=0.01)
+    assert stats.mde([d], power=0.5) < delta < stats.mde([d], power=0.9)
+    # pooled over two tasks with different spreads: the Welch statistic, whose df is approximate
+    a, b = np.array([0.1, 0.5, -0.2, 0.3, 0.9]), np.array([2.0, -1.0, 1.5])
+    pooled = stats.mde([a, b])
+    xa = rng.normal(pooled, a.std(ddof=1), size=(40_000, a.size))
+    xb = rng.normal(pooled, b.std(ddof=1), size=(40_000, b.size))
+    # mean(a) + mean(b) over 2 > 0  <=>  mean(a) - mean(-b) > 0: Welch's two-sample test of xa against -xb
+    assert (ttest_ind(xa, -xb, axis=1, equal_var=False).pvalue < 0.05).mean() == pytest.approx(0.80, abs=0.03)
+    big = rng.normal(0, 2.0, 400)
+    z = (norm.ppf(0.975) + norm.ppf(0.8)) * big.std(ddof=1) / math.sqrt(big.size)
+    assert stats.mde([big]) == pytest.approx(z, rel=0.01)
+    assert stats.mde([[4.0, 4.0]]) == 0.0 and math.isnan(stats.mde([[1.0, 2.0], [3.0]]))  # no spread; one pair
+    # the projection reproduces mde where the grid and the spread are what was observed, and shrinks with the grid
+    e = np.array([1.0, -0.5, 2.0])
+    eq = [e, e - e.mean() + 0.3]  # same spread in both tasks
+    assert stats.projected_mde(eq, n_seeds=3, n_tasks=2) == pytest.approx(stats.mde(eq), rel=1e-9)
+    assert stats.projected_mde(eq, 5, 7) < stats.projected_mde(eq, 3, 2)
+    comp = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": list(d), "cb": list(e)})), "COLA-3")
+    assert comp.set_index("task").loc["sst2", "mde"] == pytest.approx(delta)
+    assert comp.set_index("task").loc["pooled", "mde"] == pytest.approx(stats.mde([d, e]))

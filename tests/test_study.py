@@ -91,6 +91,12 @@ def test_comparisons_recover_the_planted_effects(loaded):
     assert pooled.loc[(study.RESTART, "COLA-3"), "mean_diff"] < 0  # restart: +1.5 vs COLA-3's +2
     assert pooled.loc[("COLA-3", "COLA-2"), "mean_diff"] == pytest.approx(1.0, abs=0.5)
     assert set(comp[comp["treatment"] == "step-down 8→2"]["task"]) == {"wsc", "rte", "pooled"}
+    # the resolution line: the pooled mde now, and projected to 5 seeds x 7 tasks from the within-task spread
+    line, now = study.resolution(comp, 5, 7), pooled.loc[("COLA-3", "LoRA"), "mde"]
+    mine = comp[(comp["treatment"] == "COLA-3") & (comp["control"] == "LoRA") & (comp["task"] != "pooled")]
+    full = stats.projected_mde(list(mine["diffs"]), 5, 7)
+    assert f"detects a true difference of {now:.2f} pp" in line and f"would detect {full:.2f} pp" in line
+    assert 0 < full < now and study.resolution(comp, 5, 7, treatment="COLA-9") == ""
 
 
 def test_forest_figure_reads_back_the_plotted_values(loaded):
@@ -152,6 +158,9 @@ def test_report_section_tables_and_verdicts(results, tmp_path):
     assert row["ci_lo"] > 0 and row["n_pairs"] == 10 and row["verdict"] == "supported"
     assert "| wsc |" in (tmp_path / "tables" / "table_real_main.md").read_text()
     assert "not supported: it is worse than COLA-3" in text  # jagged cosine vs COLA-3
+    assert "Resolution: with 10 pairs over 2 tasks, the pooled COLA-3 - LoRA comparison detects" in text
+    assert row["mde"] > 0 and "detectable at 80% power (pp)" in (tmp_path / "tables" / "table_real_comparisons.md"
+                                                                 ).read_text()
 
 
 def test_nothing_run_yet_degrades_gracefully(tmp_path):

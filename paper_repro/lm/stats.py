@@ -25,6 +25,10 @@ percent):
   nothing about seed-to-seed spread. A task with fewer than MIN_PAIRS pairs gets no interval (nan) and the verdict
   "insufficient data", and the pooled row pools only the tasks that have MIN_PAIRS or more (its n_tasks says how
   many); the others still appear as their own rows.
+- Resolution (`mde`): the smallest true mean difference the paired t test (two-sided, 5%) detects with 80%
+  power, from the observed spread (noncentral t; the spread is taken as known, so with 3 seeds it is a rough
+  guide). It says what "inconclusive at this scale" can and cannot rule out; `projected_mde` asks the same of a
+  larger grid (n seeds x K tasks) with the within-task spread seen so far.
 - Sign test: exact two-sided binomial test (scipy.stats.binomtest, p = 1/2) on the signs of the paired
   differences; ties (difference exactly 0) are DROPPED and counted.
 - Verdict from the interval: "supported" (lower bound > 0: the treatment is better), "not supported" (upper
@@ -138,17 +142,64 @@ def t_ci(groups: Sequence[Sequence[float]], level: float = LEVEL) -> tuple[float
     `bootstrap_ci`. Every group without spread gives the zero-width interval at the mean."""
     from scipy.stats import t as student_t
 
+    centre, se, df = _se_df(groups)
+    if not se > 0:  # nan (too few pairs) or 0 (no spread: the zero-width interval at the mean)
+        return (centre, centre) if se == 0 else (math.nan, math.nan)
+    half = float(student_t.ppf(0.5 + level / 2, df) * se)
+    return centre - half, centre + half
+
+
+def _se_df(groups: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """(mean of the task means, its standard error, Welch-Satterthwaite df); nan where `t_ci` has no interval."""
     arrays = [np.asarray(g, dtype=float) for g in groups]
     if not arrays or any(a.size < MIN_PAIRS for a in arrays):
-        return math.nan, math.nan
-    k = len(arrays)
+        return math.nan, math.nan, math.nan
     centre = float(np.mean([a.mean() for a in arrays]))
     v = np.array([a.var(ddof=1) / a.size for a in arrays])  # squared standard error of each task mean
     if not v.any():
-        return centre, centre
+        return centre, 0.0, math.nan
     df = v.sum() ** 2 / np.sum(v**2 / np.array([a.size - 1 for a in arrays]))  # Welch-Satterthwaite (k = 1: n-1)
-    half = float(student_t.ppf(0.5 + level / 2, df) * math.sqrt(v.sum()) / k)
-    return centre - half, centre + half
+    return centre, float(math.sqrt(v.sum()) / len(arrays)), float(df)
+
+
+def _detectable(se: float, df: float, power: float, level: float) -> float:
+    """The true mean difference delta at which the two-sided level-`level` t test (statistic ~ noncentral t with
+    df degrees of freedom and noncentrality delta / se) rejects with probability `power`."""
+    from scipy.optimize import brentq
+    from scipy.stats import nct
+    from scipy.stats import t as student_t
+
+    if not se > 0:
+        return se  # nan stays nan; no spread at all: any difference shows
+    crit = student_t.ppf(0.5 + level / 2, df)
+
+    def shortfall(nc: float) -> float:
+        # the far (lower) tail is below alpha / 2 and falls with nc; scipy returns NaN where it underflows
+        return nct.sf(crit, df, nc) + np.nan_to_num(nct.cdf(-crit, df, nc)) - power
+
+    hi = 2 * crit + 2  # expand the bracket (nct is NaN far out in its tail, so no fixed huge bound)
+    while shortfall(hi) < 0:
+        hi *= 2
+    return float(brentq(shortfall, 0.0, hi) * se)
+
+
+def mde(groups: Sequence[Sequence[float]], power: float = 0.8, level: float = LEVEL) -> float:
+    """Minimum detectable effect (pp) of the paired t test on `groups` (one task's differences, or several tasks
+    pooled as in `t_ci`), with the observed spread taken as the true one; nan where `t_ci` has no interval."""
+    _, se, df = _se_df(groups)
+    return _detectable(se, df, power, level)
+
+
+def projected_mde(groups: Sequence[Sequence[float]], n_seeds: int, n_tasks: int, power: float = 0.8,
+                  level: float = LEVEL) -> float:
+    """`mde` of a grid of n_seeds paired seeds in each of n_tasks tasks (pooled as in `t_ci`), if every task had
+    the within-task spread pooled over `groups`: s^2 = sum (n_k - 1) s_k^2 / sum (n_k - 1). An assumption (tasks
+    not run yet may be noisier), stated wherever it is shown."""
+    arrays = [np.asarray(g, dtype=float) for g in groups if len(g) >= MIN_PAIRS]
+    if not arrays or n_seeds < MIN_PAIRS or n_tasks < 1:
+        return math.nan
+    s2 = sum((a.size - 1) * a.var(ddof=1) for a in arrays) / sum(a.size - 1 for a in arrays)
+    return _detectable(math.sqrt(s2 / (n_seeds * n_tasks)), n_tasks * (n_seeds - 1), power, level)
 
 
 @dataclass(frozen=True)
@@ -184,9 +235,9 @@ def verdict(lo: float, hi: float, n_pairs: int) -> str:
 def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Sequence[str] | None = None,
             n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
     """treatment - control per task and pooled (task = "pooled"): n_pairs, mean_diff, ci_lo, ci_hi, the sign
-    test (n_pos, n_neg, n_ties, sign_p), the verdict and n_regridded (pairs chosen on a common LR grid). Tasks
-    in `tasks` order (default: sorted); tasks without a pair are left out; the pooled row averages the tasks with
-    at least MIN_PAIRS pairs (none: no pooled row)."""
+    test (n_pos, n_neg, n_ties, sign_p), the verdict, the resolution mde and n_regridded (pairs chosen on a
+    common LR grid). Tasks in `tasks` order (default: sorted); tasks without a pair are left out; the pooled row
+    averages the tasks with at least MIN_PAIRS pairs (none: no pooled row)."""
     pairs = paired(sel, treatment, control)
     order = list(tasks) if tasks is not None else sorted(set(pairs["task"]))
     rows, groups, pooled_regrid = [], [], 0
@@ -205,14 +256,14 @@ def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Seq
                      "n_regridded": pooled_regrid})
     return pd.DataFrame(rows, columns=["task", "treatment", "control", "n_pairs", "n_tasks", "mean_diff", "ci_lo",
                                        "ci_hi", "t_lo", "t_hi", "n_pos", "n_neg", "n_ties", "sign_p", "verdict",
-                                       "n_regridded", "diffs"])
+                                       "mde", "n_regridded", "diffs"])
 
 
 def _row(task, treatment, control, groups, flat, n_resamples, seed) -> dict:
     lo, hi = bootstrap_ci(groups, n_resamples=n_resamples, seed=seed)
     t_lo, t_hi = t_ci(groups)
     s = sign_test(flat)
-    return {"task": task, "treatment": treatment, "control": control, "n_pairs": int(flat.size),
+    return {"mde": mde(groups), "task": task, "treatment": treatment, "control": control, "n_pairs": int(flat.size),
             "n_tasks": len(groups), "mean_diff": float(np.mean([g.mean() for g in groups])), "ci_lo": lo,
             "ci_hi": hi, "t_lo": t_lo, "t_hi": t_hi, "n_pos": s.n_pos, "n_neg": s.n_neg, "n_ties": s.n_ties,
             "sign_p": s.p, "verdict": verdict(lo, hi, int(flat.size)), "diffs": [float(x) for x in flat]}
