@@ -169,8 +169,8 @@ def _detectable(se: float, df: float, power: float, level: float) -> float:
     from scipy.stats import nct
     from scipy.stats import t as student_t
 
-    if not se > 0:
-        return se  # nan stays nan; no spread at all: any difference shows
+    if not se > 0:  # no spread seen (all pairs tied): no estimate of the noise, no resolution (not zero)
+        return math.nan
     crit = student_t.ppf(0.5 + level / 2, df)
 
     def shortfall(nc: float) -> float:
@@ -185,7 +185,8 @@ def _detectable(se: float, df: float, power: float, level: float) -> float:
 
 def mde(groups: Sequence[Sequence[float]], power: float = 0.8, level: float = LEVEL) -> float:
     """Minimum detectable effect (pp) of the paired t test on `groups` (one task's differences, or several tasks
-    pooled as in `t_ci`), with the observed spread taken as the true one; nan where `t_ci` has no interval."""
+    pooled as in `t_ci`), with the observed spread taken as the true one; nan where `t_ci` has no interval or
+    the differences have no spread."""
     _, se, df = _se_df(groups)
     return _detectable(se, df, power, level)
 
