@@ -152,12 +152,14 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
 
 def resolution(comp: pd.DataFrame, n_seeds: int, n_tasks: int, treatment: str = COLA3, control: str = LORA) -> str:
     """What 'inconclusive at this scale' can rule out: the pooled comparison's `stats.mde`, now and projected
-    to n_seeds x n_tasks with the within-task spread seen so far ('' without a pooled row)."""
+    to n_seeds x n_tasks with the within-task spread seen so far ('' without a pooled row or without spread)."""
     pooled = _pooled(comp, treatment, control)
     if pooled is None:
         return ""
     mine = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] != "pooled")]
     full = stats.projected_mde([d for d in mine["diffs"] if len(d) >= stats.MIN_PAIRS], n_seeds, n_tasks)
+    if not (math.isfinite(pooled["mde"]) and math.isfinite(full)):
+        return ""
     return (f"Resolution: with {pooled['n_pairs']} pairs over {pooled['n_tasks']} tasks, the pooled {treatment} - "
             f"{control} comparison detects a true difference of {pooled['mde']:.2f} pp with 80% power (paired t, "
             f"two-sided 5%, the observed spread taken as the true one); {n_seeds} seeds x {n_tasks} tasks would "
