@@ -92,11 +92,11 @@ def test_comparisons_recover_the_planted_effects(loaded):
     assert pooled.loc[("COLA-3", "COLA-2"), "mean_diff"] == pytest.approx(1.0, abs=0.5)
     assert set(comp[comp["treatment"] == "step-down 8→2"]["task"]) == {"wsc", "rte", "pooled"}
     # the resolution line: the pooled mde now, and projected to 5 seeds x 7 tasks from the within-task spread
-    line, now = study.resolution(comp, 5, 7), pooled.loc[("COLA-3", "LoRA"), "mde"]
+    line, now = stats.resolution(comp, "COLA-3", "LoRA", 5, 7), pooled.loc[("COLA-3", "LoRA"), "mde"]
     mine = comp[(comp["treatment"] == "COLA-3") & (comp["control"] == "LoRA") & (comp["task"] != "pooled")]
     full = stats.projected_mde(list(mine["diffs"]), 5, 7)
     assert f"detects a true difference of {now:.2f} pp" in line and f"would detect {full:.2f} pp" in line
-    assert 0 < full < now and study.resolution(comp, 5, 7, treatment="COLA-9") == ""
+    assert 0 < full < now and stats.resolution(comp, "COLA-9", "LoRA", 5, 7) == ""
 
 
 def test_forest_figure_reads_back_the_plotted_values(loaded):

@@ -203,6 +203,25 @@ def projected_mde(groups: Sequence[Sequence[float]], n_seeds: int, n_tasks: int,
     return _detectable(math.sqrt(s2 / (n_seeds * n_tasks)), n_tasks * (n_seeds - 1), power, level)
 
 
+def resolution(comp: pd.DataFrame, treatment: str, control: str, n_seeds: int, n_tasks: int) -> str:
+    """What 'inconclusive at this scale' can rule out, for `compare` rows of treatment vs control: the pooled
+    row's `mde`, and `projected_mde` for n_seeds x n_tasks from its tasks' spread ('' without a pooled row or
+    without spread)."""
+    mine = comp[(comp["treatment"] == treatment) & (comp["control"] == control)] if len(comp) else comp
+    pooled = mine[mine["task"] == "pooled"]
+    if pooled.empty:
+        return ""
+    pooled = pooled.iloc[0]
+    full = projected_mde([d for d in mine[mine["task"] != "pooled"]["diffs"] if len(d) >= MIN_PAIRS], n_seeds,
+                         n_tasks)
+    if not (math.isfinite(pooled["mde"]) and math.isfinite(full)):
+        return ""
+    return (f"Resolution: with {pooled['n_pairs']} pairs over {pooled['n_tasks']} tasks, the pooled {treatment} - "
+            f"{control} comparison detects a true difference of {pooled['mde']:.2f} pp with 80% power (paired t, "
+            f"two-sided 5%, the observed spread taken as the true one); {n_seeds} seeds x {n_tasks} tasks would "
+            f"detect {full:.2f} pp if every task had the within-task spread seen so far.\n")
+
+
 @dataclass(frozen=True)
 class SignTest:
     n_pos: int
@@ -264,10 +283,11 @@ def _row(task, treatment, control, groups, flat, n_resamples, seed) -> dict:
     lo, hi = bootstrap_ci(groups, n_resamples=n_resamples, seed=seed)
     t_lo, t_hi = t_ci(groups)
     s = sign_test(flat)
-    return {"mde": mde(groups), "task": task, "treatment": treatment, "control": control, "n_pairs": int(flat.size),
+    return {"task": task, "treatment": treatment, "control": control, "n_pairs": int(flat.size),
             "n_tasks": len(groups), "mean_diff": float(np.mean([g.mean() for g in groups])), "ci_lo": lo,
             "ci_hi": hi, "t_lo": t_lo, "t_hi": t_hi, "n_pos": s.n_pos, "n_neg": s.n_neg, "n_ties": s.n_ties,
-            "sign_p": s.p, "verdict": verdict(lo, hi, int(flat.size)), "diffs": [float(x) for x in flat]}
+            "sign_p": s.p, "verdict": verdict(lo, hi, int(flat.size)), "mde": mde(groups),
+            "diffs": [float(x) for x in flat]}
 
 
 def fmt_t(row) -> str:

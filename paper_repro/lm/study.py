@@ -150,22 +150,6 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
         "detectable at 80% power (pp)": [f"{m:.2f}" if math.isfinite(m) else "-" for m in comp["mde"]]})
 
 
-def resolution(comp: pd.DataFrame, n_seeds: int, n_tasks: int, treatment: str = COLA3, control: str = LORA) -> str:
-    """What 'inconclusive at this scale' can rule out: the pooled comparison's `stats.mde`, now and projected
-    to n_seeds x n_tasks with the within-task spread seen so far ('' without a pooled row or without spread)."""
-    pooled = _pooled(comp, treatment, control)
-    if pooled is None:
-        return ""
-    mine = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] != "pooled")]
-    full = stats.projected_mde([d for d in mine["diffs"] if len(d) >= stats.MIN_PAIRS], n_seeds, n_tasks)
-    if not (math.isfinite(pooled["mde"]) and math.isfinite(full)):
-        return ""
-    return (f"Resolution: with {pooled['n_pairs']} pairs over {pooled['n_tasks']} tasks, the pooled {treatment} - "
-            f"{control} comparison detects a true difference of {pooled['mde']:.2f} pp with 80% power (paired t, "
-            f"two-sided 5%, the observed spread taken as the true one); {n_seeds} seeds x {n_tasks} tasks would "
-            f"detect {full:.2f} pp if every task had the within-task spread seen so far.\n")
-
-
 def _cell(vals: pd.Series) -> str:
     vals = vals.dropna()
     if vals.empty:
@@ -384,7 +368,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
              "tests/test_packed.py).\n",
              "| claim | verdict | intervals |", "|---|---|---|"]
     parts += [f"| {v.claim} ({v.scope}) | **{v.status}** | {v.detail.split(' | ')[0]} |" for v in vs]
-    parts += ["", resolution(comp, len(pr.PAPER_SEEDS), len(pr.REAL_TASKS))]
+    parts += ["", stats.resolution(comp, COLA3, LORA, len(pr.PAPER_SEEDS), len(pr.REAL_TASKS))]
     parts += ["What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
               "optimizer reset, 3 links), pooled over tasks:", ""]
     for t in VS_COLA3:
