@@ -203,17 +203,22 @@ def projected_mde(groups: Sequence[Sequence[float]], n_seeds: int, n_tasks: int,
     return _detectable(math.sqrt(s2 / (n_seeds * n_tasks)), n_tasks * (n_seeds - 1), power, level)
 
 
+def pooled_row(comp: pd.DataFrame, treatment: str, control: str) -> pd.Series | None:
+    """The pooled `compare` row of treatment vs control in a frame of several comparisons (None if absent)."""
+    rows = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] == "pooled")] \
+        if len(comp) else comp
+    return rows.iloc[0] if len(rows) else None
+
+
 def resolution(comp: pd.DataFrame, treatment: str, control: str, n_seeds: int, n_tasks: int) -> str:
     """What 'inconclusive at this scale' can rule out, for `compare` rows of treatment vs control: the pooled
     row's `mde`, and `projected_mde` for n_seeds x n_tasks from its tasks' spread ('' without a pooled row or
     without spread)."""
-    mine = comp[(comp["treatment"] == treatment) & (comp["control"] == control)] if len(comp) else comp
-    pooled = mine[mine["task"] == "pooled"]
-    if pooled.empty:
+    pooled = pooled_row(comp, treatment, control)
+    if pooled is None:
         return ""
-    pooled = pooled.iloc[0]
-    full = projected_mde([d for d in mine[mine["task"] != "pooled"]["diffs"] if len(d) >= MIN_PAIRS], n_seeds,
-                         n_tasks)
+    mine = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] != "pooled")]
+    full = projected_mde(list(mine["diffs"]), n_seeds, n_tasks)  # (it skips tasks with too few pairs)
     if not (math.isfinite(pooled["mde"]) and math.isfinite(full)):
         return ""
     return (f"Resolution: with {pooled['n_pairs']} pairs over {pooled['n_tasks']} tasks, the pooled {treatment} - "

@@ -296,12 +296,6 @@ def combine(statuses: list[str]) -> str:
     return stats.INSUFFICIENT if stats.INSUFFICIENT in statuses else stats.INCONCLUSIVE
 
 
-def _pooled(comp: pd.DataFrame, treatment: str, control: str):
-    rows = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] == "pooled")] \
-        if len(comp) else comp
-    return rows.iloc[0] if len(rows) else None
-
-
 def verdicts(comp: pd.DataFrame, devs: list[str], scope: str = "real: SmolLM2-135M", coverage: str = "") -> list:
     """The paper's three LM claims, each worded from pooled intervals (see `stats`), deviations beside each."""
     from paper_repro.lm.profiles import STEPDOWN_RANKS
@@ -310,7 +304,7 @@ def verdicts(comp: pd.DataFrame, devs: list[str], scope: str = "real: SmolLM2-13
     beside = " | differs from the paper: " + "; ".join(devs) + (f" | {coverage}" if coverage else "")
 
     def one(claim: str, what: str, parts: list[tuple[str, str, str]]) -> Verdict:
-        rows = [(label, _pooled(comp, t, c)) for label, t, c in parts]
+        rows = [(label, stats.pooled_row(comp, t, c)) for label, t, c in parts]
         status = combine([r["verdict"] if r is not None else stats.INSUFFICIENT for _, r in rows])
         none = f"no task has {stats.MIN_PAIRS} or more pairs"
         detail = "; ".join(f"{label}: " + (stats.describe(r) if r is not None else none) for label, r in rows)
@@ -372,7 +366,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     parts += ["What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
               "optimizer reset, 3 links), pooled over tasks:", ""]
     for t in VS_COLA3:
-        r = _pooled(comp, t, COLA3)
+        r = stats.pooled_row(comp, t, COLA3)
         parts.append(f"- {t.removeprefix('COLA-3, ')}: " + (f"**{_ABLATION_WORDS[r['verdict']]}**; {stats.describe(r)}"
                                                             if r is not None else "no pairs yet"))
     jag = runs[runs["variant"] == JAGGED].groupby("task")["restart_warmup_steps"].first().dropna()
