@@ -122,6 +122,15 @@ def parse_where(text: str) -> tuple[str, object]:
     return field, value
 
 
+def where_holds(cfg, where: list[tuple[str, object]]) -> bool:
+    """--where: every named FIELD holds one of the values given for it (AND across fields, OR within one), so
+    `--where lr=1e-3 --where lr=1e-4 --where seed=0` is lr in {1e-3, 1e-4} and seed 0."""
+    allowed: dict[str, list] = {}
+    for field, value in where:
+        allowed.setdefault(field, []).append(value)
+    return all(getattr(cfg, field) in values for field, values in allowed.items())
+
+
 def apply_settings(jobs: list, settings: dict) -> list:
     """The LM jobs with `settings` applied to every config (validated; merged where configs coincide)."""
     from paper_repro.lm.profiles import LMJob, _dedupe
@@ -149,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", metavar="G[,G...]", help="LM jobs of these groups only (e.g. real_main; "
                    "--dry-run lists each job's groups)")
     p.add_argument("--where", action="append", type=parse_where, default=[], metavar="FIELD=VALUE",
-                   help="LM jobs whose config has FIELD == VALUE only (repeatable: all must hold), e.g. --where "
-                        "task=sst2 --where seed=0")
+                   help="LM jobs whose config has FIELD == VALUE only (repeatable: every field named must hold; a "
+                        "field named twice takes either value), e.g. --where task=sst2 --where seed=0 --where seed=1")
     p.add_argument("--budget-s", type=float, metavar="S", help="start no LM unit (run or pack) that would end after "
                    "S seconds (judged by the longest so far); the rest is reported deferred (a GPU window)")
     p.add_argument("--missing", action="store_true", help="print the LM jobs without a valid result (per group / "
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.profile}; its groups are {sorted(known)}")
         jobs = [j for j in jobs if j.lm is None or wanted & set(j.lm.groups)]
     if args.where:
-        jobs = [j for j in jobs if j.lm is None or all(getattr(j.lm.cfg, f) == v for f, v in args.where)]
+        jobs = [j for j in jobs if j.lm is None or where_holds(j.lm.cfg, args.where)]
     if args.missing:
         from paper_repro.lm.missing import missing_report
 

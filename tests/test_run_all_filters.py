@@ -25,6 +25,16 @@ def test_group_and_where_select_exactly_the_matching_jobs():
     assert out.returncode == 0 and set(lm_lines(out.stdout)) == want and len(want) == 5 * 5  # 5 LRs x (LoRA + 4)
 
 
+def test_where_on_one_field_twice_takes_either_value():
+    from paper_repro.lm.profiles import jobs_for
+
+    out = dry("--profile", "real", "--group", "real_main", "--where", "task=wic", "--where", "seed=0",
+              "--where", "seed=2", "--where", "lr=1e-3", "--where", "lr=0.0001")
+    want = {f"lm/{j.job_id}" for j in jobs_for("real") if "real_main" in j.groups and j.cfg.task == "wic"
+            and j.cfg.seed in (0, 2) and j.cfg.lr in (1e-3, 1e-4)}
+    assert out.returncode == 0 and set(lm_lines(out.stdout)) == want and len(want) == 2 * 2 * 2  # LoRA + COLA-3
+
+
 def test_bad_filters_name_the_problem():
     out = dry("--profile", "real", "--group", "nope")
     assert out.returncode == 2 and "unknown group(s) ['nope']" in out.stderr and "real_main" in out.stderr
