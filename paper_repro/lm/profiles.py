@@ -280,7 +280,8 @@ def real_cpu_jobs() -> list[LMJob]:
     grid and 3 seeds are not the paper's 5 x 5; the report says so. Measured on 2 cores: 9-11 min per SST-2 run
     (packs of 2), 40 min per RTE run, 15 min per WSC run (a pack of its 3 LRs: 44 min beside 2 RTE runs; its
     500 dev examples scored every epoch cost more than its 35 training steps), 13-16 min per CB run (a pack of its
-    3 LRs: 39-48 min beside the other method's pack); about 20 h in all."""
+    3 LRs: 39-48 min beside the other method's pack), 17 min per WiC run (a pack of its 3 LRs: 52 min beside
+    another pack); about 23 h in all."""
     jobs = real_jobs(REAL_CPU_TASKS, REAL_CPU_SEEDS, REAL_CPU_LRS, ablation=False, stepdown=False)
     return [LMJob(j.cfg, ("real_cpu",)) for j in jobs if j.cfg.n_links in (1, MAIN_LINKS)]
 
