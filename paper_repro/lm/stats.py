@@ -203,10 +203,15 @@ def projected_mde(groups: Sequence[Sequence[float]], n_seeds: int, n_tasks: int,
     return _detectable(math.sqrt(s2 / (n_seeds * n_tasks)), n_tasks * (n_seeds - 1), power, level)
 
 
+def pair_rows(comp: pd.DataFrame, treatment: str, control: str) -> pd.DataFrame:
+    """The `compare` rows (per task and pooled) of treatment vs control in a frame of several comparisons."""
+    return comp[(comp["treatment"] == treatment) & (comp["control"] == control)] if len(comp) else comp
+
+
 def pooled_row(comp: pd.DataFrame, treatment: str, control: str) -> pd.Series | None:
     """The pooled `compare` row of treatment vs control in a frame of several comparisons (None if absent)."""
-    rows = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] == "pooled")] \
-        if len(comp) else comp
+    rows = pair_rows(comp, treatment, control)
+    rows = rows[rows["task"] == "pooled"] if len(rows) else rows
     return rows.iloc[0] if len(rows) else None
 
 
@@ -217,7 +222,8 @@ def resolution(comp: pd.DataFrame, treatment: str, control: str, n_seeds: int, n
     pooled = pooled_row(comp, treatment, control)
     if pooled is None:
         return ""
-    mine = comp[(comp["treatment"] == treatment) & (comp["control"] == control) & (comp["task"] != "pooled")]
+    mine = pair_rows(comp, treatment, control)
+    mine = mine[mine["task"] != "pooled"]
     full = projected_mde(list(mine["diffs"]), n_seeds, n_tasks)  # (it skips tasks with too few pairs)
     if not (math.isfinite(pooled["mde"]) and math.isfinite(full)):
         return ""

@@ -375,7 +375,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                      + ", ".join(f"{t} {int(k)}" for t, k in jag.items()) + ")")
     main = per_variant_table(sel, {"LoRA": LORA, "COLA-3": COLA3}, pr.REAL_TASKS)
     if len(main) and len(comp):
-        c3 = comp[(comp["treatment"] == COLA3) & (comp["control"] == LORA)].set_index("task")
+        c3 = stats.pair_rows(comp, COLA3, LORA).set_index("task")
         main["COLA-3 - LoRA [95% CI]"] = [_fmt_ci(c3.loc[t]) if t in c3.index else "-" for t in main["task"]]
         main["verdict"] = [c3.loc[t, "verdict"] if t in c3.index else "-" for t in main["task"]]
         zs = runs[runs["variant"] == LORA].groupby("task")["zero_shot_acc"].mean()
