@@ -9,9 +9,9 @@ theory suite + SmolLM2-135M on real SST-2 / RTE subsets, ~15 min on 2 cores), gp
 Llama-2-7B, 7 tasks, LoRA vs COLA, 5 seeds x 5 LRs, Table 4, Figure 3; 1175 LM runs, meant for --shard), real
 (SmolLM2-135M at the paper's protocol on the 7 tasks: LoRA vs COLA-3, Table 4 / Figure 3 analogues and the
 ablation, 5 seeds x 5 LRs; 1525 LM runs, ~3 GPU-hours), real-cpu (its CPU fallback: SST-2 / RTE / CB / WSC /
-WiC, LoRA vs COLA-3, seeds 0-2, LR 1e-3 / 8e-4 / 1e-4; 90 of the real runs), real-cpu-ablation (its second CPU tier:
-the ablation on SST-2 / CB at the same seeds and LRs; 90 of the real runs). `--missing` prints what a profile still
-lacks, by shard.
+WiC, LoRA vs COLA-3, seeds 0-4, LR 1e-3 / 8e-4 / 1e-4; 150 of the real runs), real-cpu-ablation (its second CPU
+tier: the ablation on SST-2 / CB at seeds 0-2 and the same LRs; 90 of the real runs). `--missing` prints what a
+profile still lacks, by shard.
 
 Resumable: a job whose result file is intact (sha256) and was made with the same config is skipped; a killed
 LM run resumes from results/lm/checkpoints/<job id>. `--shard i/n` (0 <= i < n) runs the jobs i, i+n, i+2n, ...

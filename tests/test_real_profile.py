@@ -59,10 +59,10 @@ def test_real_profile_is_the_paper_protocol(real):
 
 def test_real_cpu_is_a_labelled_subset_of_real(real):
     cpu = jobs_for("real-cpu")
-    assert len(cpu) == 5 * 3 * 3 * 2 and {j.job_id for j in cpu} <= {j.job_id for j in real}
+    assert len(cpu) == 5 * 5 * 3 * 2 and {j.job_id for j in cpu} <= {j.job_id for j in real}
     assert {(j.cfg.task, j.cfg.method, j.cfg.n_links) for j in cpu} == {
         (t, m, n) for t in ("sst2", "rte", "cb", "wsc", "wic") for m, n in (("lora", 1), ("cola", 3))}
-    assert {j.cfg.seed for j in cpu} == {0, 1, 2} and {j.cfg.lr for j in cpu} == {1e-3, 8e-4, 1e-4}
+    assert {j.cfg.seed for j in cpu} == set(PAPER_SEEDS) and {j.cfg.lr for j in cpu} == {1e-3, 8e-4, 1e-4}
     assert all(j.groups == ("real_cpu",) for j in cpu)
     assert "FALLBACK" in profiles.real_cpu_jobs.__doc__
 
@@ -131,8 +131,8 @@ def test_missing_lists_counts_and_shards(tmp_path, capsys):
     assert run_all.main(["--profile", "real-cpu", "--only", "lm", "--missing", "--results-dir", str(tmp_path),
                          "--shard", "0/2"]) == 0
     out = capsys.readouterr().out
-    assert "90 LM jobs, 18 present, 72 missing" in out
-    assert "| real_cpu | 18/18 | 0/18 | 0/18 | 0/18 | 0/18 | 18/90 |" in out  # tasks in the paper's order
+    assert "150 LM jobs, 30 present, 120 missing" in out
+    assert "| real_cpu | 30/30 | 0/30 | 0/30 | 0/30 | 0/30 | 30/150 |" in out  # tasks in the paper's order
     assert "| group | sst2 | wsc | cb | wic | rte | all |" in out
     lines = out.splitlines()
     listed = [ln.strip() for ln in lines if ln.startswith("  smollm2-135m/")]
@@ -140,7 +140,7 @@ def test_missing_lists_counts_and_shards(tmp_path, capsys):
     shard_heads = [ln for ln in lines if ln.startswith("shard ")]
     assert [h.split(":")[0] for h in shard_heads] == ["shard 0/2", "shard 1/2"]
     assert "`python paper_repro/run_all.py --profile real-cpu --only lm --shard 1/2`" in shard_heads[1]
-    assert sum(int(h.split(": ")[1].split()[0]) for h in shard_heads) == 72
+    assert sum(int(h.split(": ")[1].split()[0]) for h in shard_heads) == 120
     ids = {j.lm.job_id for j in run_all.shard(run_all.job_list("real-cpu", ("lm",))[0], 1, 2)}
     in_shard1 = [m.strip() for m in lines[lines.index(shard_heads[1]) + 1:] if m.startswith("  ")]
     assert in_shard1 and set(in_shard1) <= ids  # listed under the shard that runs them

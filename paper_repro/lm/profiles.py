@@ -12,9 +12,9 @@ Profiles
 - gpu: the paper's scale (see `gpu_jobs`).
 - real: SmolLM2-135M at the paper's protocol (MeZO sampling, 5 epochs, the LR grid, 5 seeds, 7 tasks) with the
   ablations that ask what makes a chain win (see `real_jobs`); meant for a GPU.
-- real-cpu: a FALLBACK subset of `real` for a CPU (SST-2, RTE, CB, WSC and WiC; LoRA vs COLA-3, seeds 0-2, LR 1e-3 /
+- real-cpu: a FALLBACK subset of `real` for a CPU (SST-2, RTE, CB, WSC and WiC; LoRA vs COLA-3, seeds 0-4, LR 1e-3 /
   8e-4 / 1e-4); its jobs ARE `real` jobs (same configs, same result files), so they count towards `real` too.
-- real-cpu-ablation: the second CPU FALLBACK tier, the ablation of `real` on SST-2 and CB at the same seeds and LRs
+- real-cpu-ablation: the second CPU FALLBACK tier, the ablation of `real` on SST-2 and CB at seeds 0-2 and the same LRs
   (restart per link, jagged cosine, no optimizer reset, COLA-2, COLA-5); also `real` jobs.
 """
 
@@ -268,7 +268,12 @@ def real_jobs(tasks: tuple[str, ...] = REAL_TASKS, seeds: tuple[int, ...] = PAPE
 # verdict for less than RTE costs (measured: 17 min per WiC run against 6 per SST-2 run and 40 per RTE run).
 # BoolQ and MultiRC (long passages) stay GPU-only.
 REAL_CPU_TASKS = ("sst2", "rte", "cb", "wsc", "wic")
-REAL_CPU_SEEDS = (0, 1, 2)
+# the paper's 5 seeds (PAPER_SEEDS): with 3, a per-task paired t interval is 2 pairs' spread times t(0.975, 2) = 4.3
+# and the pooled verdict could not resolve 2 pp (see `stats.resolution`); seeds 3-4 were added after seeds 0-2 of
+# every task had run, so the first 90 runs (seeds 0-2) kept their ids and results.
+REAL_CPU_SEEDS = PAPER_SEEDS
+# the ablation tier stays at seeds 0-2 (its 90 runs answer which change moves the dev loss, not a 1-pp test gap)
+REAL_CPU_ABLATION_SEEDS = (0, 1, 2)
 # the top of the grid (the LRs dev picked in a protocol-scale trial) and 1e-4: at 1e-3 / 8e-4, 4 of 6 SST-2 runs per
 # method selected epoch 1 (before COLA-3's first knot, where the chain IS LoRA), so a grid of those two would mostly
 # show ties; a smaller LR lets the selected epoch come later. Both methods get the same grid.
@@ -276,13 +281,14 @@ REAL_CPU_LRS = (1e-3, 8e-4, 1e-4)
 
 
 def real_cpu_jobs() -> list[LMJob]:
-    """FALLBACK when no GPU is available: the `real` jobs of LoRA vs COLA-3 on SST-2, RTE, CB, WSC and WiC, seeds 0-2,
+    """FALLBACK when no GPU is available: the `real` jobs of LoRA vs COLA-3 on SST-2, RTE, CB, WSC and WiC, seeds 0-4,
     LR 1e-3, 8e-4 and 1e-4 only (the same configs and result files as `real`, so they count towards it). A 3-LR
-    grid and 3 seeds are not the paper's 5 x 5; the report says so. Measured on 2 cores: 9-11 min per SST-2 run
+    grid is not the paper's 5 LRs; the report says so. Measured on 2 cores: 9-11 min per SST-2 run
     (packs of 2), 40 min per RTE run, 15 min per WSC run (a pack of its 3 LRs: 44 min beside 2 RTE runs; its
     500 dev examples scored every epoch cost more than its 35 training steps), 13-16 min per CB run (a pack of its
     3 LRs: 39-48 min beside the other method's pack), 17 min per WiC run (a pack of its 3 LRs: 52 min beside
-    another pack); about 23 h in all."""
+    another pack); about 23 h for seeds 0-2 and 15 more for seeds 3-4 (run cheapest first: SST-2, CB, WSC, WiC,
+    RTE: `--where seed=3 --where task=sst2`)."""
     jobs = real_jobs(REAL_CPU_TASKS, REAL_CPU_SEEDS, REAL_CPU_LRS, ablation=False, stepdown=False)
     return [LMJob(j.cfg, ("real_cpu",)) for j in jobs if j.cfg.n_links in (1, MAIN_LINKS)]
 
@@ -304,7 +310,7 @@ def real_cpu_ablation_jobs() -> list[LMJob]:
     9-11 min in pairs, CB 13-16 min in packs of 3). Run a variant at a time: `--group abl_restart` first (the LR
     across links is the open question), then abl_no_reset, abl_jagged, abl_cola5, abl_cola2."""
     jobs = []
-    for task, lr, seed in product(REAL_CPU_ABLATION_TASKS, REAL_CPU_LRS, REAL_CPU_SEEDS):
+    for task, lr, seed in product(REAL_CPU_ABLATION_TASKS, REAL_CPU_LRS, REAL_CPU_ABLATION_SEEDS):
         variants = {**ablation_variants(task), "COLA-2": dict(method="cola", n_links=2)}
         jobs += [LMJob(_real_cfg(task, lr=lr, seed=seed, **kw), ("real_cpu_ablation", ABLATION_GROUPS[name]))
                  for name, kw in variants.items()]
