@@ -188,3 +188,16 @@ def test_deviations_say_when_some_cells_lack_an_lr():
     assert "2 of 4 cells have every LR" in study.deviations(runs, short=True)
     even = runs[runs["lr"] == 1e-3]
     assert not any("cells have every LR" in d for d in study.deviations(even))
+
+
+def test_deviations_say_when_some_cells_lack_a_seed():
+    runs = pd.DataFrame([{"task": t, "variant": v, "seed": s, "lr": 1e-3, "best_epoch": 1}
+                         for t, n in (("sst2", 5), ("rte", 3)) for v in ("LoRA", "COLA-3") for s in range(n)])
+    assert ("seeds 0, 1, 2, 3, 4, but only 2 of 4 (task, variant) cells have all 5 (paper: 5 seeds, values [U])"
+            in study.deviations(runs))
+    assert "2 of 4 cells have 5 seeds" in study.deviations(runs, short=True)
+    five = runs[runs["task"] == "sst2"]
+    assert "seeds 0, 1, 2, 3, 4 (paper: 5 seeds, values [U])" in study.deviations(five)
+    assert not any("seeds" in d for d in study.deviations(five, short=True))
+    three = runs[runs["seed"] < 3]  # every cell has the same 3 seeds: the older wording
+    assert "seeds 0, 1, 2 only" in study.deviations(three, short=True)

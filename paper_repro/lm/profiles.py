@@ -269,8 +269,8 @@ def real_jobs(tasks: tuple[str, ...] = REAL_TASKS, seeds: tuple[int, ...] = PAPE
 # BoolQ and MultiRC (long passages) stay GPU-only.
 REAL_CPU_TASKS = ("sst2", "rte", "cb", "wsc", "wic")
 # the paper's 5 seeds (PAPER_SEEDS): with 3, a per-task paired t interval is 2 pairs' spread times t(0.975, 2) = 4.3
-# and the pooled verdict could not resolve 2 pp (see `stats.resolution`); seeds 3-4 were added after seeds 0-2 of
-# every task had run, so the first 90 runs (seeds 0-2) kept their ids and results.
+# and the pooled verdict could not resolve 2 pp (see `stats.resolution`). Seeds 3-4 were added after seeds 0-2 had
+# run; a job id depends on its config only, so those 90 runs kept their ids and result files.
 REAL_CPU_SEEDS = PAPER_SEEDS
 # the ablation tier stays at seeds 0-2 (its 90 runs answer which change moves the dev loss, not a 1-pp test gap)
 REAL_CPU_ABLATION_SEEDS = (0, 1, 2)
