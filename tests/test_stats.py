@@ -199,3 +199,34 @@ def test_minimum_detectable_effect_has_its_power_in_simulation():
     comp = stats.compare(stats.select_lr_per_seed(runs_from({"sst2": list(d), "cb": list(e)})), "COLA-3")
     assert comp.set_index("task").loc["sst2", "mde"] == pytest.approx(delta)
     assert comp.set_index("task").loc["pooled", "mde"] == pytest.approx(stats.mde([d, e]))
+
+
+def test_learned_rule_is_blind_to_the_difference_and_pools_only_the_learned_tasks():
+    # LoRA at 70 + seed everywhere; the untrained model is at 50 on sst2 / cb but at 72 on wsc (not learned there)
+    planted = {"sst2": [1.0, 2.0, 1.5], "cb": [-1.0, 0.5, 0.0], "wsc": [-8.0, -6.0, -7.0]}
+    sel = stats.select_lr_per_seed(runs_from(planted))
+    untrained = {"sst2": 50.0, "cb": 50.0, "wsc": 72.0}
+    ok = stats.learned_tasks(sel, "COLA-3", "LoRA", untrained).set_index("task")
+    # by hand: mean over seeds of (LoRA + COLA-3) / 2 - untrained = 71 + mean(d) / 2 - untrained
+    for task, ds in planted.items():
+        assert ok.loc[task, "gain"] == pytest.approx(71 + np.mean(ds) / 2 - untrained[task]), task
+    assert dict(ok["learned"]) == {"sst2": True, "cb": True, "wsc": False}
+    # blind to the sign of the difference: swapping the arms changes nothing
+    swapped = stats.learned_tasks(sel, "LoRA", "COLA-3", untrained).set_index("task")
+    pd.testing.assert_frame_equal(ok, swapped)
+    # the sensitivity row is compare's pooled row over sst2 and cb alone
+    row = stats.learned_only(sel, "COLA-3", "LoRA", untrained).iloc[0]
+    two = stats.compare(stats.select_lr_per_seed(runs_from({k: planted[k] for k in ("sst2", "cb")})), "COLA-3")
+    ref = two[two["task"] == "pooled"].iloc[0]
+    assert row["task"] == stats.LEARNED and row["n_tasks"] == 2 and row["n_pairs"] == 6
+    for col in ("mean_diff", "ci_lo", "ci_hi", "t_lo", "t_hi", "sign_p", "mde"):
+        assert row[col] == pytest.approx(ref[col]), col
+    assert "6 pairs over 2 tasks" in stats.describe(row)
+    # every task learned, or fewer than two learned, or no untrained accuracy for a task: no second reading
+    assert stats.learned_only(sel, "COLA-3", "LoRA", {**untrained, "wsc": 50.0}).empty
+    assert stats.learned_only(sel, "COLA-3", "LoRA", {**untrained, "cb": 90.0}).empty
+    assert not stats.learned_tasks(sel, "COLA-3", "LoRA", {"sst2": 50.0}).set_index("task").loc["cb", "learned"]
+    # the resolution line counts the per-task rows only, not the learned row's copy of their pairs
+    comp = pd.concat([stats.compare(sel, "COLA-3"), stats.learned_only(sel, "COLA-3", "LoRA", untrained)])
+    assert stats.resolution(comp, "COLA-3", "LoRA", 5, 7) == stats.resolution(stats.compare(sel, "COLA-3"),
+                                                                              "COLA-3", "LoRA", 5, 7)

@@ -201,3 +201,34 @@ def test_deviations_say_when_some_cells_lack_a_seed():
     assert not any("seeds" in d for d in study.deviations(five, short=True))
     three = runs[runs["seed"] < 3]  # every cell has the same 3 seeds: the older wording
     assert "seeds 0, 1, 2 only" in study.deviations(three, short=True)
+
+
+def test_learned_tasks_sensitivity_row_in_comparisons_forest_and_report(results, tmp_path):
+    import matplotlib.pyplot as plt
+
+    # three tasks, LoRA at 70 + seed, COLA-3 one point lower on sst2 / cb and eight lower on wsc, whose untrained
+    # accuracy (75) the fine-tuned models do not beat: the second reading pools sst2 and cb only
+    rows = [{"task": t, "variant": v, "seed": s, "lr": 1e-3, "dev_acc": 70.0 + s - d, "test_acc": 70.0 + s - d}
+            for t, lower in (("sst2", 1.0), ("cb", 1.0), ("wsc", 8.0)) for s in range(3)
+            for v, d in (("LoRA", 0.0), ("COLA-3", lower + 0.1 * s))]
+    sel = stats.select_lr_per_seed(pd.DataFrame(rows))
+    untrained = {"sst2": 50.0, "cb": 50.0, "wsc": 75.0}
+    comp = study.comparisons(sel, ("sst2", "cb", "wsc"), untrained)
+    c3 = stats.pair_rows(comp, "COLA-3", "LoRA").set_index("task")
+    assert list(c3.index) == ["sst2", "cb", "wsc", "pooled", stats.LEARNED]
+    assert c3.loc["pooled", "mean_diff"] == pytest.approx(-(1.1 + 1.1 + 8.1) / 3)
+    assert c3.loc[stats.LEARNED, "mean_diff"] == pytest.approx(-1.1) and c3.loc[stats.LEARNED, "n_tasks"] == 2
+    assert study.comparisons(sel, ("sst2", "cb", "wsc"))["task"].ne(stats.LEARNED).all()  # only with untrained
+    fig = study.forest_figure(comp, study.VS_LORA)
+    ax = [a for a in fig.axes if a.get_title()][0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["sst2", "cb", "wsc", "pooled", stats.LEARNED]
+    plt.close(fig)
+    learned = stats.learned_tasks(sel, "COLA-3", "LoRA", untrained)
+    line = study.sensitivity_line(comp, learned)
+    assert "without the tasks not learned (wsc;" in line and "6 pairs over 2 tasks" in line
+    assert "**not supported**" in line  # -1.1 in every pair of sst2 and cb
+    assert list(study.learned_table(learned)["learned"]) == ["yes", "yes", "no"]
+    # the planted study: both tasks beat the untrained 50%, so the report says there is no second reading
+    sections, _ = study.report_section(results, tmp_path, [], log=lambda m: None)
+    assert "Sensitivity: every task with pairs is learned" in sections[0][1]
+    assert "| wsc | 5 | 50.00 |" in (tmp_path / "tables" / "table_real_learned.md").read_text()

@@ -31,6 +31,13 @@ percent):
   larger grid (n seeds x K tasks) with the within-task spread seen so far.
 - Sign test: exact two-sided binomial test (scipy.stats.binomtest, p = 1/2) on the signs of the paired
   differences; ties (difference exactly 0) are DROPPED and counted.
+- Sensitivity, learned tasks only (`learned_only`; a second reading beside the pooled verdict, never instead of
+  it): a task whose fine-tuned accuracy is not above the untrained model's measures dev-selection noise, not
+  fine-tuning. The rule is blind to the treatment - control difference: per task, the mean of the two arms'
+  test accuracies of each pair minus the untrained model's, with its 95% percentile bootstrap interval over
+  seeds; the task counts as learned when that interval lies above 0. The row "pooled, learned tasks" pools
+  those tasks only; it exists only when the rule leaves some task out and keeps at least two. (Added when WSC,
+  not learned by SmolLM2-135M, came to move the pooled reading: stated as such wherever it is shown.)
 - Verdict from the interval: "supported" (lower bound > 0: the treatment is better), "not supported" (upper
   bound < 0: the treatment is worse), "inconclusive at this scale" (the interval contains 0), "insufficient
   data" (fewer than 2 pairs).
@@ -39,7 +46,7 @@ percent):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +61,7 @@ VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, INSUFFICIENT)
 LR_RULE = ("LR chosen per (task, variant, seed) by the highest dev accuracy over the grid (ties -> the lower LR)")
 _TOL = 1e-9  # dev accuracies closer than this are a tie
 MIN_PAIRS = 2  # fewer paired seeds than this in a task: no interval, no place in the pooled row
+LEARNED = "pooled, learned tasks"  # the task label of the `learned_only` sensitivity row
 
 
 def choose(grid: dict[float, tuple[float, float]]) -> tuple[float, str] | None:
@@ -223,7 +231,7 @@ def resolution(comp: pd.DataFrame, treatment: str, control: str, n_seeds: int, n
     if pooled is None:
         return ""
     mine = pair_rows(comp, treatment, control)
-    mine = mine[mine["task"] != "pooled"]
+    mine = mine[~mine["task"].str.startswith("pooled")]  # per-task rows only (not the pooled or learned rows)
     full = projected_mde(list(mine["diffs"]), n_seeds, n_tasks)  # (it skips tasks with too few pairs)
     if not (math.isfinite(pooled["mde"]) and math.isfinite(full)):
         return ""
@@ -290,6 +298,37 @@ def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Seq
                                        "mde", "n_regridded", "diffs"])
 
 
+def learned_tasks(sel: pd.DataFrame, treatment: str, control: str, untrained: Mapping[str, float],
+                  n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
+    """Per task with MIN_PAIRS or more pairs: is it learned? gain = mean over the pairs of (treatment + control) / 2
+    minus the untrained test accuracy (pp), its 95% percentile bootstrap interval over seeds (ci_lo, ci_hi), and
+    learned = ci_lo > 0 (False without an untrained accuracy). Blind to the treatment - control difference."""
+    pairs = paired(sel, treatment, control)
+    rows = []
+    for task, grp in pairs.groupby("task", sort=False):
+        if len(grp) < MIN_PAIRS:
+            continue
+        base = float(untrained.get(task, math.nan))
+        gain = ((grp["treatment"] + grp["control"]) / 2 - base).to_numpy(dtype=float)
+        lo, hi = bootstrap_ci([gain], n_resamples=n_resamples, seed=seed) if math.isfinite(base) else (
+            math.nan, math.nan)
+        rows.append({"task": task, "n_pairs": len(grp), "untrained": base, "gain": float(gain.mean()),
+                     "ci_lo": lo, "ci_hi": hi, "learned": bool(lo > 0)})
+    return pd.DataFrame(rows, columns=["task", "n_pairs", "untrained", "gain", "ci_lo", "ci_hi", "learned"])
+
+
+def learned_only(sel: pd.DataFrame, treatment: str, control: str, untrained: Mapping[str, float],
+                 n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
+    """The sensitivity row (task = LEARNED): `compare`'s pooled row over the tasks `learned_tasks` keeps; empty
+    when it keeps every task of the pooled row (nothing to add) or fewer than two (nothing to pool)."""
+    ok = learned_tasks(sel, treatment, control, untrained, n_resamples, seed)
+    keep = list(ok["task"][ok["learned"]])
+    if len(keep) < 2 or len(keep) == len(ok):
+        return pd.DataFrame()
+    comp = compare(sel[sel["task"].isin(keep)], treatment, control, keep, n_resamples, seed)
+    return comp[comp["task"] == "pooled"].assign(task=LEARNED).reset_index(drop=True)
+
+
 def _row(task, treatment, control, groups, flat, n_resamples, seed) -> dict:
     lo, hi = bootstrap_ci(groups, n_resamples=n_resamples, seed=seed)
     t_lo, t_hi = t_ci(groups)
@@ -320,6 +359,6 @@ def describe(row) -> str:
         f"; {regrid} pair(s) on their common LR grid" if regrid else "")
     n_tasks = row.get("n_tasks")
     where = f"{row['n_pairs']} pairs" + (f" over {n_tasks} task{'' if n_tasks == 1 else 's'}"
-                                         if row["task"] == "pooled" else "")
+                                         if str(row["task"]).startswith("pooled") else "")
     return (f"{row['mean_diff']:+.2f} pp, 95% CI {ci} ({where}; sign test {row['n_pos']}+/{row['n_neg']}-"
             f"{ties}, {p})")

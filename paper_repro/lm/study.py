@@ -14,11 +14,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from paper_repro.lm import epochs, stats
-from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
+from paper_repro.lm.study_figures import forest_figure, plot_forest, plot_lines  # noqa: F401 (API)
 
 RUN = "python paper_repro/run_all.py"
 LORA, COLA3 = "LoRA", "COLA-3"
@@ -124,14 +123,48 @@ def coverage_line(coverage: pd.DataFrame, group: str = "all") -> str:
         f"not run yet: {present} of {total} runs present"
 
 
-def comparisons(sel: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
-    """Every variant vs LoRA and every ablation vs COLA-3 (rows of `stats.compare`), where both arms exist."""
+def untrained_acc(runs: pd.DataFrame) -> dict[str, float]:
+    """task -> the untrained model's test accuracy (%), averaged over the seeds that measured it."""
+    zs = runs[runs["variant"] == LORA].groupby("task")["zero_shot_acc"].mean() if len(runs) else pd.Series()
+    return {t: float(v) for t, v in zs.items() if math.isfinite(v)}
+
+
+def comparisons(sel: pd.DataFrame, tasks: tuple[str, ...], untrained: dict[str, float] | None = None) -> pd.DataFrame:
+    """Every variant vs LoRA and every ablation vs COLA-3 (rows of `stats.compare`), where both arms exist; with
+    `untrained` (task -> accuracy), each variant vs LoRA also gets the learned-tasks sensitivity row
+    (`stats.learned_only`) where the rule leaves a task out."""
     pairs = [(t, LORA) for t in VS_LORA] + [(t, COLA3) for t in VS_COLA3] + [CHAIN_STEPS[1]]
     frames = [stats.compare(sel, t, c, tasks=tasks) for t, c in pairs]
+    if untrained is not None and len(sel):
+        frames += [stats.learned_only(sel, t, LORA, untrained) for t in VS_LORA]
     frames += [stats.compare(sel, v, LORA, tasks=tasks) for v in sorted(set(sel["variant"]))
                if v.startswith("step-down")] if len(sel) else []
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def learned_table(learned: pd.DataFrame) -> pd.DataFrame:
+    """Display rows of `stats.learned_tasks`."""
+    return pd.DataFrame({"task": learned["task"], "pairs": learned["n_pairs"],
+                         "untrained (%)": [f"{u:.2f}" for u in learned["untrained"]],
+                         "gain [95% CI] (pp)": [f"{g:+.2f} [{lo:+.2f}, {hi:+.2f}]" for g, lo, hi in
+                                                zip(learned["gain"], learned["ci_lo"], learned["ci_hi"])],
+                         "learned": ["yes" if x else "no" for x in learned["learned"]]})
+
+
+def sensitivity_line(comp: pd.DataFrame, learned: pd.DataFrame) -> str:
+    """The REPORT sentence of the learned-tasks sensitivity reading of COLA-3 - LoRA (rule: `stats`)."""
+    out = ", ".join(learned["task"][~learned["learned"]])
+    row = stats.pair_rows(comp, COLA3, LORA)
+    row = row[row["task"] == stats.LEARNED]
+    if not out:
+        return "Sensitivity: every task with pairs is learned (`table_real_learned`), so no second reading.\n"
+    if row.empty:
+        return f"Sensitivity: not learned: {out}; fewer than two learned tasks, so no second reading.\n"
+    r = row.iloc[0]
+    return (f"Sensitivity (a second reading, not the verdict; rule in the statistics notes above): without the "
+            f"tasks not learned ({out}; `table_real_learned`), COLA-3 - LoRA pooled is {stats.describe(r)}: "
+            f"**{r['verdict']}**.\n")
 
 
 def _fmt_ci(r) -> str:
@@ -180,66 +213,6 @@ def table4(sel: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
 
 def fig3_table(sel: pd.DataFrame, tasks: tuple[str, ...], ranks: tuple[int, ...]) -> pd.DataFrame:
     return per_variant_table(sel, {"LoRA r=8": LORA, **{f"r={r}": f"step-down 8→{r}" for r in ranks}}, tasks)
-
-
-# --- figures ---------------------------------------------------------------------------------------------
-
-
-def forest_figure(comp: pd.DataFrame, treatments: tuple[str, ...], control: str = LORA):
-    """One panel per treatment (vs `control`): mean paired difference per task and pooled (diamond) with its 95%
-    CI, a dashed line at 0; every panel has the same rows (tasks in `comp` order, pooled last) and x axis."""
-    sub = comp[comp["control"] == control] if len(comp) else comp
-    panels = [t for t in treatments if (sub["treatment"] == t).any()]
-    if not panels:
-        return None
-    tasks = [t for t in dict.fromkeys(sub[sub["treatment"].isin(panels)]["task"]) if t != "pooled"] + ["pooled"]
-    ypos = {t: len(tasks) - 1 - i for i, t in enumerate(tasks)}
-    fig, axes = new_figure(1, len(panels), width=2.4, height=0.9 + 0.28 * len(tasks), sharey=True, sharex=True)
-    for i, (ax, t) in enumerate(zip(axes[0], panels)):
-        rows = sub[sub["treatment"] == t]
-        y = np.array([ypos[k] for k in rows["task"]])
-        lo = (rows["mean_diff"] - rows["ci_lo"]).fillna(0).clip(lower=0)
-        hi = (rows["ci_hi"] - rows["mean_diff"]).fillna(0).clip(lower=0)
-        color = method_color("COLA") if t == COLA3 else method_color(t, i + 2)
-        ax.errorbar(rows["mean_diff"], y, xerr=[lo, hi], fmt="o", capsize=2, color=color)
-        pooled = (rows["task"] == "pooled").to_numpy()
-        ax.scatter(rows["mean_diff"][pooled], y[pooled], marker="D", s=30, color="black", zorder=3)
-        ax.axvline(0.0, **BOUND_STYLE)
-        ax.set(title=f"{t}\nvs {control}", xlabel="test acc. diff. (pp)")
-    axes[0][0].set(yticks=list(ypos.values()), yticklabels=list(ypos))
-    return fig
-
-
-def plot_forest(comp: pd.DataFrame, fig_dir: Path, name: str = "fig_real_forest",
-                treatments: tuple[str, ...] = VS_LORA, control: str = LORA) -> list[Path]:
-    fig = forest_figure(comp, treatments, control) if len(comp) else None
-    return savefig(fig, name, fig_dir) if fig is not None else []
-
-
-def plot_lines(df: pd.DataFrame, cols: list[str], x: list[float], fig_dir: Path, name: str, xlabel: str,
-               baseline: str | None = None) -> list[Path]:
-    """One panel per task: test accuracy (mean ± std over seeds) vs x; the `baseline` column as a dashed line."""
-    if df is None or df.empty:
-        return []
-    ncols = min(4, len(df))
-    fig, axes = new_figure(math.ceil(len(df) / ncols), ncols, width=2.6, height=2.3)
-    flat = axes.ravel()
-    for ax, (_, row) in zip(flat, df.iterrows()):
-        pts = [(xv, row[f"mean_{c}"], row[f"std_{c}"]) for xv, c in zip(x, cols) if math.isfinite(row[f"mean_{c}"])]
-        if pts:
-            xs, ms, ss = zip(*pts)
-            ax.errorbar(xs, ms, yerr=[0.0 if math.isnan(s) else s for s in ss], marker="o", capsize=2,
-                        color=method_color("COLA"), label="COLA")
-        if baseline and math.isfinite(row[f"mean_{baseline}"]):
-            ax.axhline(row[f"mean_{baseline}"], **BOUND_STYLE, label=baseline)
-        ax.set(title=row["task"], xlabel=xlabel, xticks=x)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy (%)")
-    for ax in flat[len(df):]:
-        ax.set_visible(False)
-    if baseline:
-        flat[0].legend()
-    return savefig(fig, name, fig_dir)
 
 
 # --- verdicts and the REPORT.md section ------------------------------------------------------------------
@@ -360,7 +333,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
         return [(title, head)], [Verdict(c, "real: SmolLM2-135M", "not run", coverage_line(cov))
                                  for c in ("cola_ge_lora", "chain_length", "step_down")]
     sel = stats.select_lr_per_seed(runs)
-    comp = comparisons(sel, pr.REAL_TASKS)
+    untrained = untrained_acc(runs)
+    comp = comparisons(sel, pr.REAL_TASKS, untrained)
     devs = deviations(runs)
     vs = verdicts(comp, deviations(runs, short=True), coverage=coverage_line(cov))
     tdir = fig_dir / "tables"
@@ -370,6 +344,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
              "| claim | verdict | intervals |", "|---|---|---|"]
     parts += [f"| {v.claim} ({v.scope}) | **{v.status}** | {v.detail.split(' | ')[0]} |" for v in vs]
     parts += ["", stats.resolution(comp, COLA3, LORA, len(pr.PAPER_SEEDS), len(pr.REAL_TASKS))]
+    learned = stats.learned_tasks(sel, COLA3, LORA, untrained)
+    parts += [sensitivity_line(comp, learned)] if len(learned) else []
     parts += ["What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
               "optimizer reset, 3 links), pooled over tasks:", ""]
     for t in VS_COLA3:
@@ -385,9 +361,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
         c3 = stats.pair_rows(comp, COLA3, LORA).set_index("task")
         main["COLA-3 - LoRA [95% CI]"] = [_fmt_ci(c3.loc[t]) if t in c3.index else "-" for t in main["task"]]
         main["verdict"] = [c3.loc[t, "verdict"] if t in c3.index else "-" for t in main["task"]]
-        zs = runs[runs["variant"] == LORA].groupby("task")["zero_shot_acc"].mean()
-        main["no fine-tuning"] = [f"{zs.get(t, math.nan):.2f}" if math.isfinite(zs.get(t, math.nan)) else "-"
-                                  for t in main["task"]]
+        main["no fine-tuning"] = [f"{untrained[t]:.2f}" if t in untrained else "-" for t in main["task"]]
     t4 = table4(sel, pr.REAL_TASKS)
     f3 = fig3_table(sel, pr.STEPDOWN_TASKS, pr.STEPDOWN_RANKS)
     variants = tuple(dict.fromkeys([LORA, COLA3, *sorted(set(runs["variant"]))]))
@@ -395,8 +369,10 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                "over seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
               ("table_real_comparisons", comparison_table(comp) if len(comp) else comp, comp,
                "Paired differences (pp) per task and pooled, 95% bootstrap CI, paired t CI, exact sign test",
-               lambda d: plot_forest(comp, fig_dir) + plot_forest(comp, fig_dir, "fig_real_forest_vs_cola3",
-                                                                  VS_COLA3, COLA3)),
+               lambda d: plot_forest(comp, fig_dir, VS_LORA) + plot_forest(comp, fig_dir, VS_COLA3,
+                                                                           "fig_real_forest_vs_cola3", COLA3)),
+              ("table_real_learned", learned_table(learned), learned, "Is the task learned? Mean of the two arms "
+               "(COLA-3, LoRA) minus the untrained model, test accuracy (pp), 95% bootstrap CI over seeds", None),
               ("table_real_table4", t4, None, "Table 4 analogue: test accuracy vs chain length at 5 epochs",
                lambda d: plot_lines(d, [f"length {n}" for n in LENGTHS], list(LENGTHS), fig_dir, "fig_real_table4",
                                     "chain length (1 = LoRA)")),
