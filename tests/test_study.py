@@ -223,7 +223,8 @@ def test_learned_tasks_sensitivity_row_in_comparisons_forest_and_report(results,
     ax = [a for a in fig.axes if a.get_title()][0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["sst2", "cb", "wsc", "pooled", stats.LEARNED]
     plt.close(fig)
-    learned = stats.learned_tasks(sel, "COLA-3", "LoRA", untrained)
+    learned = stats.learned_tasks(sel, "COLA-3", "LoRA", untrained, ("sst2", "cb", "wsc", "rte"))
+    assert list(learned["task"]) == ["sst2", "cb", "wsc"]  # in the order asked; rte has no pairs
     line = study.sensitivity_line(comp, learned)
     assert "without the tasks not learned (wsc;" in line and "6 pairs over 2 tasks" in line
     assert "**not supported**" in line  # -1.1 in every pair of sst2 and cb

@@ -299,13 +299,16 @@ def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Seq
 
 
 def learned_tasks(sel: pd.DataFrame, treatment: str, control: str, untrained: Mapping[str, float],
-                  n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
+                  tasks: Sequence[str] | None = None, n_resamples: int = N_RESAMPLES,
+                  seed: int = BOOT_SEED) -> pd.DataFrame:
     """Per task with MIN_PAIRS or more pairs: is it learned? gain = mean over the pairs of (treatment + control) / 2
     minus the untrained test accuracy (pp), its 95% percentile bootstrap interval over seeds (ci_lo, ci_hi), and
-    learned = ci_lo > 0 (False without an untrained accuracy). Blind to the treatment - control difference."""
+    learned = ci_lo > 0 (False without an untrained accuracy). Blind to the treatment - control difference. Tasks
+    in `tasks` order (default: sorted)."""
     pairs = paired(sel, treatment, control)
     rows = []
-    for task, grp in pairs.groupby("task", sort=False):
+    for task in list(tasks) if tasks is not None else sorted(set(pairs["task"])):
+        grp = pairs[pairs["task"] == task]
         if len(grp) < MIN_PAIRS:
             continue
         base = float(untrained.get(task, math.nan))
@@ -321,7 +324,7 @@ def learned_only(sel: pd.DataFrame, treatment: str, control: str, untrained: Map
                  n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
     """The sensitivity row (task = LEARNED): `compare`'s pooled row over the tasks `learned_tasks` keeps; empty
     when it keeps every task of the pooled row (nothing to add) or fewer than two (nothing to pool)."""
-    ok = learned_tasks(sel, treatment, control, untrained, n_resamples, seed)
+    ok = learned_tasks(sel, treatment, control, untrained, n_resamples=n_resamples, seed=seed)
     keep = list(ok["task"][ok["learned"]])
     if len(keep) < 2 or len(keep) == len(ok):
         return pd.DataFrame()

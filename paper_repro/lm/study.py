@@ -344,7 +344,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
              "| claim | verdict | intervals |", "|---|---|---|"]
     parts += [f"| {v.claim} ({v.scope}) | **{v.status}** | {v.detail.split(' | ')[0]} |" for v in vs]
     parts += ["", stats.resolution(comp, COLA3, LORA, len(pr.PAPER_SEEDS), len(pr.REAL_TASKS))]
-    learned = stats.learned_tasks(sel, COLA3, LORA, untrained)
+    learned = stats.learned_tasks(sel, COLA3, LORA, untrained, pr.REAL_TASKS)
     parts += [sensitivity_line(comp, learned)] if len(learned) else []
     parts += ["What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
               "optimizer reset, 3 links), pooled over tasks:", ""]
