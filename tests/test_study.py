@@ -229,6 +229,13 @@ def test_learned_tasks_sensitivity_row_in_comparisons_forest_and_report(results,
     assert "without the tasks not learned (wsc;" in line and "6 pairs over 2 tasks" in line
     assert "**not supported**" in line  # -1.1 in every pair of sst2 and cb
     assert list(study.learned_table(learned)["learned"]) == ["yes", "yes", "no"]
+    # a task whose untrained accuracy was never measured cannot be shown learned: left out, and said so
+    partial = {"sst2": 50.0, "wsc": 75.0}
+    line = study.sensitivity_line(study.comparisons(sel, ("sst2", "cb", "wsc"), partial),
+                                  stats.learned_tasks(sel, "COLA-3", "LoRA", partial))
+    assert "not learned: wsc; no untrained accuracy, so left out too: cb; fewer than two" in line
+    shown = study.learned_table(stats.learned_tasks(sel, "COLA-3", "LoRA", partial, ("cb",))).iloc[0]
+    assert (shown["untrained (%)"], shown["gain [95% CI] (pp)"], shown["learned"]) == ("-", "-", "no")
     # the planted study: both tasks beat the untrained 50%, so the report says there is no second reading
     sections, _ = study.report_section(results, tmp_path, [], log=lambda m: None)
     assert "Sensitivity: every task with pairs is learned" in sections[0][1]

@@ -146,18 +146,21 @@ def comparisons(sel: pd.DataFrame, tasks: tuple[str, ...], untrained: dict[str, 
 def learned_table(learned: pd.DataFrame) -> pd.DataFrame:
     """Display rows of `stats.learned_tasks`."""
     return pd.DataFrame({"task": learned["task"], "pairs": learned["n_pairs"],
-                         "untrained (%)": [f"{u:.2f}" for u in learned["untrained"]],
-                         "gain [95% CI] (pp)": [f"{g:+.2f} [{lo:+.2f}, {hi:+.2f}]" for g, lo, hi in
-                                                zip(learned["gain"], learned["ci_lo"], learned["ci_hi"])],
+                         "untrained (%)": [f"{u:.2f}" if math.isfinite(u) else "-" for u in learned["untrained"]],
+                         "gain [95% CI] (pp)": [f"{g:+.2f} [{lo:+.2f}, {hi:+.2f}]" if math.isfinite(g) else "-"
+                                                for g, lo, hi in zip(learned["gain"], learned["ci_lo"],
+                                                                     learned["ci_hi"])],
                          "learned": ["yes" if x else "no" for x in learned["learned"]]})
 
 
 def sensitivity_line(comp: pd.DataFrame, learned: pd.DataFrame) -> str:
     """The REPORT sentence of the learned-tasks sensitivity reading of COLA-3 - LoRA (rule: `stats`)."""
-    out = ", ".join(learned["task"][~learned["learned"]])
+    unknown = learned["untrained"].isna()
+    out = ", ".join(learned["task"][~learned["learned"] & ~unknown]) or "none"
+    out += f"; no untrained accuracy, so left out too: {', '.join(learned['task'][unknown])}" if unknown.any() else ""
     row = stats.pair_rows(comp, COLA3, LORA)
     row = row[row["task"] == stats.LEARNED]
-    if not out:
+    if learned["learned"].all():
         return "Sensitivity: every task with pairs is learned (`table_real_learned`), so no second reading.\n"
     if row.empty:
         return f"Sensitivity: not learned: {out}; fewer than two learned tasks, so no second reading.\n"
