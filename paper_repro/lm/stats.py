@@ -61,7 +61,9 @@ VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, INSUFFICIENT)
 LR_RULE = ("LR chosen per (task, variant, seed) by the highest dev accuracy over the grid (ties -> the lower LR)")
 _TOL = 1e-9  # dev accuracies closer than this are a tie
 MIN_PAIRS = 2  # fewer paired seeds than this in a task: no interval, no place in the pooled row
+LORA, COLA3 = "LoRA", "COLA-3"  # the variant labels of the main comparison (`study.variant_label`)
 LEARNED = "pooled, learned tasks"  # the task label of the `learned_only` sensitivity row
+POOLS = ("pooled", LEARNED)  # the task labels of rows that pool several tasks
 
 
 def choose(grid: dict[float, tuple[float, float]]) -> tuple[float, str] | None:
@@ -107,7 +109,7 @@ def _on_common_grid(t_grid: dict, c_grid: dict) -> tuple[float, float, bool] | N
     return None if t is None or c is None else (t_grid[t[0]][1], c_grid[c[0]][1], set(t_grid) != set(c_grid))
 
 
-def paired(sel: pd.DataFrame, treatment: str, control: str = "LoRA") -> pd.DataFrame:
+def paired(sel: pd.DataFrame, treatment: str, control: str = LORA) -> pd.DataFrame:
     """Per (task, seed) present in both arms: test_acc of treatment and control, their difference, and whether
     the pair was chosen again on a common LR grid (rows of `select_lr_per_seed`; a frame without a grid column,
     e.g. runs at one fixed LR, is paired as it is)."""
@@ -231,7 +233,7 @@ def resolution(comp: pd.DataFrame, treatment: str, control: str, n_seeds: int, n
     if pooled is None:
         return ""
     mine = pair_rows(comp, treatment, control)
-    mine = mine[~mine["task"].str.startswith("pooled")]  # per-task rows only (not the pooled or learned rows)
+    mine = mine[~mine["task"].isin(POOLS)]  # per-task rows only
     full = projected_mde(list(mine["diffs"]), n_seeds, n_tasks)  # (it skips tasks with too few pairs)
     if not (math.isfinite(pooled["mde"]) and math.isfinite(full)):
         return ""
@@ -271,7 +273,7 @@ def verdict(lo: float, hi: float, n_pairs: int) -> str:
     return INCONCLUSIVE
 
 
-def compare(sel: pd.DataFrame, treatment: str, control: str = "LoRA", tasks: Sequence[str] | None = None,
+def compare(sel: pd.DataFrame, treatment: str, control: str = LORA, tasks: Sequence[str] | None = None,
             n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
     """treatment - control per task and pooled (task = "pooled"): n_pairs, mean_diff, ci_lo, ci_hi, the sign
     test (n_pos, n_neg, n_ties, sign_p), the verdict, the resolution mde and n_regridded (pairs chosen on a
@@ -362,6 +364,6 @@ def describe(row) -> str:
         f"; {regrid} pair(s) on their common LR grid" if regrid else "")
     n_tasks = row.get("n_tasks")
     where = f"{row['n_pairs']} pairs" + (f" over {n_tasks} task{'' if n_tasks == 1 else 's'}"
-                                         if str(row["task"]).startswith("pooled") else "")
+                                         if row["task"] in POOLS else "")
     return (f"{row['mean_diff']:+.2f} pp, 95% CI {ci} ({where}; sign test {row['n_pos']}+/{row['n_neg']}-"
             f"{ties}, {p})")

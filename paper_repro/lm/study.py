@@ -17,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from paper_repro.lm import epochs, stats
+from paper_repro.lm.stats import COLA3, LORA
 from paper_repro.lm.study_figures import forest_figure, plot_forest, plot_lines  # noqa: F401 (API)
 
 RUN = "python paper_repro/run_all.py"
-LORA, COLA3 = "LoRA", "COLA-3"
 RESTART, JAGGED, NO_RESET = "COLA-3, LR restart per link", "COLA-3, jagged cosine LR", "COLA-3, no opt. reset"
 # treatment -> control of every comparison: the main one, the chain lengths and the ablation, each vs LoRA, and
 # each ablation vs COLA-3 (what makes a chain win)

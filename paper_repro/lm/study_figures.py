@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from paper_repro.lm.stats import LEARNED
+from paper_repro.lm.stats import COLA3, LEARNED, LORA
 from paper_repro.plot_style import BOUND_STYLE, method_color, new_figure, savefig
-
-LORA, COLA3 = "LoRA", "COLA-3"
 
 
 def forest_figure(comp: pd.DataFrame, treatments: tuple[str, ...], control: str = LORA):
