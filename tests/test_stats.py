@@ -222,6 +222,10 @@ def test_learned_rule_is_blind_to_the_difference_and_pools_only_the_learned_task
     for col in ("mean_diff", "ci_lo", "ci_hi", "t_lo", "t_hi", "sign_p", "mde"):
         assert row[col] == pytest.approx(ref[col]), col
     assert "6 pairs over 2 tasks" in stats.describe(row)
+    # a caller's learned_tasks frame (here in another task order) gives the same row as computing it inside
+    given = stats.learned_tasks(sel, "COLA-3", "LoRA", untrained, tasks=("sst2", "wsc", "cb"))
+    pd.testing.assert_frame_equal(stats.learned_only(sel, "COLA-3", "LoRA", untrained, learned=given),
+                                  stats.learned_only(sel, "COLA-3", "LoRA", untrained))
     # every task learned, or fewer than two learned, or no untrained accuracy for a task: no second reading
     assert stats.learned_only(sel, "COLA-3", "LoRA", {**untrained, "wsc": 50.0}).empty
     assert stats.learned_only(sel, "COLA-3", "LoRA", {**untrained, "cb": 90.0}).empty

@@ -323,11 +323,14 @@ def learned_tasks(sel: pd.DataFrame, treatment: str, control: str, untrained: Ma
 
 
 def learned_only(sel: pd.DataFrame, treatment: str, control: str, untrained: Mapping[str, float],
-                 n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED) -> pd.DataFrame:
+                 n_resamples: int = N_RESAMPLES, seed: int = BOOT_SEED,
+                 learned: pd.DataFrame | None = None) -> pd.DataFrame:
     """The sensitivity row (task = LEARNED): `compare`'s pooled row over the tasks `learned_tasks` keeps; empty
-    when it keeps every task of the pooled row (nothing to add) or fewer than two (nothing to pool)."""
-    ok = learned_tasks(sel, treatment, control, untrained, n_resamples=n_resamples, seed=seed)
-    keep = list(ok["task"][ok["learned"]])
+    when it keeps every task of the pooled row (nothing to add) or fewer than two (nothing to pool). `learned`:
+    `learned_tasks`' frame for these arms when the caller already has it (same rule, any task order)."""
+    ok = learned_tasks(sel, treatment, control, untrained, n_resamples=n_resamples, seed=seed) \
+        if learned is None else learned
+    keep = sorted(ok["task"][ok["learned"]])
     if len(keep) < 2 or len(keep) == len(ok):
         return pd.DataFrame()
     comp = compare(sel[sel["task"].isin(keep)], treatment, control, keep, n_resamples, seed)

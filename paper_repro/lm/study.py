@@ -129,14 +129,16 @@ def untrained_acc(runs: pd.DataFrame) -> dict[str, float]:
     return {t: float(v) for t, v in zs.items() if math.isfinite(v)}
 
 
-def comparisons(sel: pd.DataFrame, tasks: tuple[str, ...], untrained: dict[str, float] | None = None) -> pd.DataFrame:
+def comparisons(sel: pd.DataFrame, tasks: tuple[str, ...], untrained: dict[str, float] | None = None,
+                learned: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """Every variant vs LoRA and every ablation vs COLA-3 (rows of `stats.compare`), where both arms exist; with
     `untrained` (task -> accuracy), each variant vs LoRA also gets the learned-tasks sensitivity row
-    (`stats.learned_only`) where the rule leaves a task out."""
+    (`stats.learned_only`) where the rule leaves a task out. `learned`: variant -> its `stats.learned_tasks` frame
+    vs LoRA, where the caller has one already (not computed twice)."""
     pairs = [(t, LORA) for t in VS_LORA] + [(t, COLA3) for t in VS_COLA3] + [CHAIN_STEPS[1]]
     frames = [stats.compare(sel, t, c, tasks=tasks) for t, c in pairs]
     if untrained is not None and len(sel):
-        frames += [stats.learned_only(sel, t, LORA, untrained) for t in VS_LORA]
+        frames += [stats.learned_only(sel, t, LORA, untrained, learned=(learned or {}).get(t)) for t in VS_LORA]
     frames += [stats.compare(sel, v, LORA, tasks=tasks) for v in sorted(set(sel["variant"]))
                if v.startswith("step-down")] if len(sel) else []
     frames = [f for f in frames if len(f)]
@@ -337,7 +339,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                                  for c in ("cola_ge_lora", "chain_length", "step_down")]
     sel = stats.select_lr_per_seed(runs)
     untrained = untrained_acc(runs)
-    comp = comparisons(sel, pr.REAL_TASKS, untrained)
+    learned = stats.learned_tasks(sel, COLA3, LORA, untrained, pr.REAL_TASKS)
+    comp = comparisons(sel, pr.REAL_TASKS, untrained, learned={COLA3: learned})
     devs = deviations(runs)
     vs = verdicts(comp, deviations(runs, short=True), coverage=coverage_line(cov))
     tdir = fig_dir / "tables"
@@ -347,7 +350,6 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
              "| claim | verdict | intervals |", "|---|---|---|"]
     parts += [f"| {v.claim} ({v.scope}) | **{v.status}** | {v.detail.split(' | ')[0]} |" for v in vs]
     parts += ["", stats.resolution(comp, COLA3, LORA, len(pr.PAPER_SEEDS), len(pr.REAL_TASKS))]
-    learned = stats.learned_tasks(sel, COLA3, LORA, untrained, pr.REAL_TASKS)
     parts += [sensitivity_line(comp, learned)] if len(learned) else []
     parts += ["What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
               "optimizer reset, 3 links), pooled over tasks:", ""]
