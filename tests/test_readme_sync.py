@@ -14,7 +14,8 @@ def test_committed_readme_table_is_current():
 
 
 def _tables(tmp_path, t_lo: float, verdict: str, learned: bool):
-    pd.DataFrame({"task": ["rte"], "LoRA": ["64.48 ± 2.80 (n=5)"], "COLA-3": ["63.47 ± 2.11 (n=5)"]}).to_csv(
+    pd.DataFrame({"task": ["rte"], "LoRA": ["64.48 ± 2.80 (n=5)"], "COLA-3": ["63.47 ± 2.11 (n=5)"],
+                  "LRs in every cell": ["3 of 5: 1e-3, 8e-4, 1e-4"]}).to_csv(
         tmp_path / "table_real_main.csv", index=False)
     pd.DataFrame({"task": ["rte"], "n_pairs": [5], "untrained": [46.6], "gain": [17.4], "ci_lo": [15.7],
                   "ci_hi": [19.2], "learned": [learned]}).to_csv(tmp_path / "table_real_learned.csv", index=False)
@@ -31,10 +32,11 @@ def test_table_rows_follow_the_csvs(tmp_path, t_lo, fragile):
     assert len(lines) == 3  # header, rule, one COLA-3 vs LoRA row (the COLA-5 row is not the headline)
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert len(cells) == lines[0].count("|") - 1 == len(lines[1].split("|")) - 2
-    assert cells[:5] == ["RTE", "5", "64.48 ± 2.80", "63.47 ± 2.11", "−1.25 [−2.50, −0.50]"]
-    assert ("fragile" in cells[7]) is fragile and cells[7].startswith("**not supported**")
-    assert cells[9] == "yes, +17.40 [+15.70, +19.20]"
-    assert cells[10] == "+1.66 [S]"  # the paper's OPT-1.3B RTE gain, labelled as a reference value
+    assert cells[:6] == ["RTE", "5", "3 of 5: 1e-3, 8e-4, 1e-4", "64.48 ± 2.80", "63.47 ± 2.11",
+                         "−1.25 [−2.50, −0.50]"]
+    assert ("fragile" in cells[8]) is fragile and cells[8].startswith("**not supported**")
+    assert cells[10] == "yes, +17.40 [+15.70, +19.20]"
+    assert cells[11] == "+1.66 [S]"  # the paper's OPT-1.3B RTE gain, labelled as a reference value
 
 
 def test_render_replaces_only_the_block_and_is_idempotent(tmp_path):

@@ -240,3 +240,14 @@ def test_learned_tasks_sensitivity_row_in_comparisons_forest_and_report(results,
     sections, _ = study.report_section(results, tmp_path, [], log=lambda m: None)
     assert "Sensitivity: every task with pairs is learned" in sections[0][1]
     assert "| wsc | 5 | 50.00 |" in (tmp_path / "tables" / "table_real_learned.md").read_text()
+
+
+def test_lr_coverage_is_the_grid_every_cell_tried():
+    from paper_repro.lm.tables import lr_coverage
+
+    grid = (1e-3, 8e-4, 5e-4)
+    rows = [("a", v, s, lr) for v in ("LoRA", "COLA-3") for s in (0, 1) for lr in grid]  # task a: every cell, all 3
+    rows += [("b", v, s, lr) for v in ("LoRA", "COLA-3") for s in (0, 1) for lr in (1e-3, 8e-4)]
+    rows += [("b", "LoRA", 0, 5e-4), ("b", "COLA-5", 1, 5e-4)]  # one cell has 5e-4; another variant does not count
+    runs = pd.DataFrame(rows, columns=["task", "variant", "seed", "lr"])
+    assert lr_coverage(runs, ("LoRA", "COLA-3"), grid) == {"a": "all 3", "b": "2 of 3: 1e-3, 8e-4"}

@@ -319,7 +319,7 @@ def _shown(df: pd.DataFrame) -> pd.DataFrame:
 def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=print):
     """([(title, markdown)], verdicts) of the `real` study; 'not run yet: k of N runs present' when incomplete."""
     from paper_repro.lm import profiles as pr
-    from paper_repro.lm.tables import to_markdown
+    from paper_repro.lm.tables import lr_coverage, to_markdown
     from paper_repro.report import Verdict
 
     title = "Real model at the paper's protocol: SmolLM2-135M, LoRA vs COLA (profile `real`)"
@@ -367,6 +367,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
         main["COLA-3 - LoRA [95% CI]"] = [_fmt_ci(c3.loc[t]) if t in c3.index else "-" for t in main["task"]]
         main["verdict"] = [c3.loc[t, "verdict"] if t in c3.index else "-" for t in main["task"]]
         main["no fine-tuning"] = [f"{untrained[t]:.2f}" if t in untrained else "-" for t in main["task"]]
+        lrs = lr_coverage(runs, (LORA, COLA3), pr.LR_GRID)
+        main["LRs in every cell"] = [lrs.get(t, "-") for t in main["task"]]
     t4 = table4(sel, pr.REAL_TASKS)
     f3 = fig3_table(sel, pr.STEPDOWN_TASKS, pr.STEPDOWN_RANKS)
     variants = tuple(dict.fromkeys([LORA, COLA3, *sorted(set(runs["variant"]))]))

@@ -254,6 +254,18 @@ def compute_table(sel: pd.DataFrame) -> pd.DataFrame:
 # --- writers ---------------------------------------------------------------------------------------------
 
 
+def lr_coverage(runs: pd.DataFrame, variants: Sequence[str], grid: Sequence[float]) -> dict[str, str]:
+    """task -> the LRs EVERY (variant, seed) cell of `variants` tried: 'all 5', or '3 of 5: 1e-3, 8e-4, 1e-4'
+    (the grid that the dev choice of each pair really had; runs has columns task, variant, seed, lr)."""
+    cells = runs[runs["variant"].isin(list(variants))].groupby(["task", "variant", "seed"])["lr"].agg(frozenset)
+    out = {}
+    for task, sets in cells.groupby(level="task"):
+        common = sorted(frozenset.intersection(*sets), reverse=True)
+        out[task] = (f"all {len(grid)}" if set(grid) <= set(common) else f"{len(common)} of {len(grid)}: "
+                     + ", ".join(f"{x:.0e}".replace("e-0", "e-") for x in common))
+    return out
+
+
 def _cell(v) -> str:
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
         return f"{v:,}"
