@@ -249,5 +249,7 @@ def test_lr_coverage_is_the_grid_every_cell_tried():
     rows = [("a", v, s, lr) for v in ("LoRA", "COLA-3") for s in (0, 1) for lr in grid]  # task a: every cell, all 3
     rows += [("b", v, s, lr) for v in ("LoRA", "COLA-3") for s in (0, 1) for lr in (1e-3, 8e-4)]
     rows += [("b", "LoRA", 0, 5e-4), ("b", "COLA-5", 1, 5e-4)]  # one cell has 5e-4; another variant does not count
+    rows += [("c", v, 0, lr) for v in ("LoRA", "COLA-3") for lr in (1.5e-4, 2e-5)]  # off-grid LRs keep their digits
     runs = pd.DataFrame(rows, columns=["task", "variant", "seed", "lr"])
-    assert lr_coverage(runs, ("LoRA", "COLA-3"), grid) == {"a": "all 3", "b": "2 of 3: 1e-3, 8e-4"}
+    assert lr_coverage(runs, ("LoRA", "COLA-3"), grid) == {"a": "all 3", "b": "2 of 3: 1e-3, 8e-4",
+                                                           "c": "2 of 3: 1.5e-4, 2e-5"}

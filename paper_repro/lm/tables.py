@@ -16,6 +16,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cola_theory.lm.run_config import SPEED_ONLY
@@ -262,7 +263,7 @@ def lr_coverage(runs: pd.DataFrame, variants: Sequence[str], grid: Sequence[floa
     for task, sets in cells.groupby(level="task"):
         common = sorted(frozenset.intersection(*sets), reverse=True)
         out[task] = (f"all {len(grid)}" if set(grid) <= set(common) else f"{len(common)} of {len(grid)}: "
-                     + ", ".join(f"{x:.0e}".replace("e-0", "e-") for x in common))
+                     + ", ".join(np.format_float_scientific(x, trim="-", exp_digits=1) for x in common))
     return out
 
 
