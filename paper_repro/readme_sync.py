@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from paper_repro import reference as ref
-from paper_repro.lm.stats import COLA3, LEARNED, LORA, NOT_SUPPORTED, SUPPORTED
+from paper_repro.lm.stats import COLA3, LEARNED, LORA, is_fragile
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -45,10 +45,8 @@ def _interval(lo: float, hi: float) -> str:
 
 
 def _verdict(row: pd.Series) -> str:
-    """The bootstrap verdict, marked fragile where the paired t interval contains 0 (as `stats.describe`)."""
-    v = str(row["verdict"])
-    fragile = v in (SUPPORTED, NOT_SUPPORTED) and math.isfinite(row["t_lo"]) and row["t_lo"] <= 0 <= row["t_hi"]
-    return f"**{v}**" + (" (fragile: t interval contains 0)" if fragile else "")
+    """The bootstrap verdict, marked fragile where the paired t interval contains 0 (`stats.is_fragile`)."""
+    return f"**{row['verdict']}**" + (" (fragile: t interval contains 0)" if is_fragile(row) else "")
 
 
 def _paper_gain(task: str) -> str:

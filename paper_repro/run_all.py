@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(results_dir, figures_dir, profile=args.profile)
         print(summary.text)
         if figures_dir == default_figures_dir("real"):  # the repository's own figures: keep README's table current
-            _sync_readme(figures_dir / "tables")
+            from paper_repro import readme_sync
+
+            readme_sync.main(["--tables-dir", str(figures_dir / "tables")])  # reports (never fails) on missing tables
         if summary.bound_violated:
             print(f"[run_all] ERROR: {summary.bound_message}", file=sys.stderr)
             return EXIT_BOUND
@@ -332,18 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run_all] shard {i}/{n}: figures not built; run `python paper_repro/run_all.py --only figures "
               f"--results-dir {results_dir}` after all shards finish")
     return code
-
-
-def _sync_readme(tables_dir: Path) -> None:
-    """Rewrite README's generated verdict table from the tables just built (skipped, with a note, without them)."""
-    from paper_repro import readme_sync
-
-    try:
-        current = readme_sync.sync(readme_sync.README, tables_dir)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"[run_all] README verdict table not rewritten: {e}")
-        return
-    print(f"[run_all] README verdict table {'already current' if current else 'updated'}")
 
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace, results_dir: Path) -> dict[str, int]:

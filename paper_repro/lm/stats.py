@@ -353,13 +353,19 @@ def fmt_t(row) -> str:
     return "-" if not math.isfinite(row["t_lo"]) else f"[{row['t_lo']:+.2f}, {row['t_hi']:+.2f}]"
 
 
+def is_fragile(row) -> bool:
+    """A decided verdict ("supported" / "not supported") whose paired t interval contains 0."""
+    return (row["verdict"] in (SUPPORTED, NOT_SUPPORTED) and math.isfinite(row["t_lo"])
+            and row["t_lo"] <= 0 <= row["t_hi"])
+
+
 def describe(row) -> str:
     """'+1.23 pp, 95% CI [+0.40, +2.10], paired t [-0.50, +2.96], fragile: the t interval contains 0 (5 pairs;
     sign test 5+/0-, p = 0.0625)' for one `compare` row."""
     ci = "no interval" if not math.isfinite(row["ci_lo"]) else f"[{row['ci_lo']:+.2f}, {row['ci_hi']:+.2f}]"
     if math.isfinite(row["t_lo"]):
         ci += f", paired t {fmt_t(row)}"
-        if row["verdict"] in (SUPPORTED, NOT_SUPPORTED) and row["t_lo"] <= 0 <= row["t_hi"]:
+        if is_fragile(row):
             ci += ", fragile: the t interval contains 0"
     p = "p = -" if not math.isfinite(row["sign_p"]) else f"p = {row['sign_p']:.3g}"
     regrid = int(row.get("n_regridded", 0) or 0)
