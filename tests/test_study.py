@@ -149,7 +149,8 @@ def test_report_section_tables_and_verdicts(results, tmp_path):
     assert "not OPT-1.3B / Llama-2-7B" in by_claim["cola_ge_lora"].detail
     assert "not run yet" in by_claim["cola_ge_lora"].detail
     names = {p.name for p in files}
-    for stem in ("table_real_main", "table_real_comparisons", "table_real_table4", "fig3_real_rank_stepdown"):
+    for stem in ("table_real_main", "table_real_comparisons", "table_real_table4", "fig3_real_rank_stepdown",
+                 "table_real_cost"):
         assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names, stem
     for stem in ("fig_real_forest", "fig_real_forest_vs_cola3", "fig_real_table4", "fig3_real_rank_stepdown"):
         assert (tmp_path / f"{stem}.png").stat().st_size > 1000 and (tmp_path / f"{stem}.pdf").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from paper_repro.lm import epochs, stats
+from paper_repro.lm import cost, epochs, stats
 from paper_repro.lm.stats import COLA3, LORA
 from paper_repro.lm.study_figures import forest_figure, plot_forest, plot_lines  # noqa: F401 (API)
 
@@ -90,6 +90,8 @@ def load_study(results_dir: Path, jobs: list | None = None,
                      "validation_as_train": bool(cfg.get("split_validation_as_train", False)),
                      "restart_warmup_steps": (cfg.get("chain_overrides") or {}).get("restart_warmup_steps"),
                      "engine": _engine(payload["meta"]), "device": str(payload["meta"].get("device", "unknown")),
+                     "wall_time_s": payload["meta"].get("wall_time_s", m.get("wall_time_s", math.nan)),
+                     "torch_threads": payload["meta"].get("torch_threads"),
                      "created": str(payload["meta"].get("created_at", ""))})
     coverage = pd.DataFrame(cov, columns=["group", "task", "present"])
     coverage = coverage.groupby(["group", "task"], sort=False)["present"].agg(present="sum", total="count")
@@ -387,7 +389,11 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                "r=8", lambda d: plot_lines(d, [f"r={r}" for r in pr.STEPDOWN_RANKS], list(pr.STEPDOWN_RANKS), fig_dir,
                                            "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
                                            baseline="LoRA r=8")),
-              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, ABLATION)]
+              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, ABLATION),
+              ("table_real_cost", cost.shown(spent := cost.cost_table(runs, cov, pr.REAL_TASKS)), spent,
+               "What the grid costs: minutes per run from the result files (a pack's wall time / its size; the CPU "
+               "runs mostly ran as two one-thread processes side by side) and missing runs x median for one process",
+               None)]
     for name, frame, numeric, caption, plot in tables:
         if frame is None or frame.empty:
             parts.append(f"\n### {caption}\n\nno results yet.\n")

@@ -1,0 +1,72 @@
+"""What the `real` grid costs: minutes per run measured from each result file, and what the missing runs would take.
+
+A pure function of saved results (`study.load_study`): every result records its wall time (`meta.wall_time_s`; a
+run trained in a pack of k records the pack's wall time / k) and the torch threads it ran with. Per task and
+device: how many runs were measured, the median and range of minutes per run, the run-hours spent, how many runs
+of the profile are still missing, and the projection `missing x median` for one process on that device. The CPU
+runs here mostly ran as two single-threaded processes side by side, so their measured minutes already include
+that sharing and two such processes finish the projection in about half the time. Tasks with no measured run on a
+device get no projection (their inputs differ too much in length to borrow another task's cost).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+COLUMNS = ("task", "device", "runs measured", "threads", "pack sizes", "min per run: median [range]",
+           "run-hours spent", "missing runs", "projected hours (one process)")
+
+
+def _values(s: pd.Series) -> str:
+    vals = sorted({int(v) for v in s.dropna()})
+    return ", ".join(map(str, vals)) if vals else "-"
+
+
+def cost_table(runs: pd.DataFrame, coverage: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
+    """One row per (task, device) with measured runs, a row per task with none (missing count only), and per device
+    a total that projects the tasks measured on it and names the missing ones it cannot project.
+    `coverage` is `load_study`'s (group "all": every job once)."""
+    cov = coverage[coverage["group"] == "all"].set_index("task")
+    missing = {t: int(cov.loc[t, "total"] - cov.loc[t, "present"]) if t in cov.index else 0 for t in tasks}
+    timed = runs[pd.to_numeric(runs.get("wall_time_s"), errors="coerce").notna()] if len(runs) else runs
+    rows = []
+    for task in tasks:
+        mine = timed[timed["task"] == task] if len(timed) else timed
+        if not len(mine):
+            rows.append({"task": task, "device": "-", "runs measured": 0, "threads": "-", "pack sizes": "-",
+                         "min per run: median [range]": "-", "median_min": math.nan, "run-hours spent": 0.0,
+                         "missing runs": missing[task], "projected hours (one process)": math.nan})
+            continue
+        for device, d in mine.groupby("device", sort=True):
+            minutes = d["wall_time_s"].astype(float) / 60.0
+            packs = d["engine"].str.extract(r"packed \((\d+)\)")[0].astype(float).fillna(1.0)
+            med = float(minutes.median())
+            rows.append({"task": task, "device": device, "runs measured": len(d), "threads": _values(
+                d["torch_threads"]), "pack sizes": _values(packs),
+                "min per run: median [range]": f"{med:.1f} [{minutes.min():.1f}, {minutes.max():.1f}]",
+                "median_min": med, "run-hours spent": float(minutes.sum() / 60.0), "missing runs": missing[task],
+                "projected hours (one process)": med * missing[task] / 60.0})
+    out = pd.DataFrame(rows)
+    totals = []
+    for device in sorted(set(out["device"]) - {"-"}) or ["-"]:
+        on = out[out["device"] == device]
+        unprojected = [t for t in tasks if missing[t] and t not in set(on["task"])]
+        totals.append({"task": "all", "device": device, "runs measured": int(on["runs measured"].sum()),
+                       "threads": "-", "pack sizes": "-", "min per run: median [range]": "-", "median_min": math.nan,
+                       "run-hours spent": float(on["run-hours spent"].sum()), "missing runs": sum(missing.values()),
+                       "projected hours (one process)": float(on["projected hours (one process)"].sum())
+                       if len(on) else math.nan,
+                       "not projected (no run measured)": ", ".join(unprojected)})
+    out = pd.concat([out, pd.DataFrame(totals)], ignore_index=True)
+    return out[[*COLUMNS, "median_min", "not projected (no run measured)"]]
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The display form: hours to one decimal, NaN as '-'."""
+    df = table.drop(columns=["median_min"]).copy()
+    for c in ("run-hours spent", "projected hours (one process)"):
+        df[c] = [f"{v:.1f}" if isinstance(v, float) and math.isfinite(v) else "-" for v in df[c]]
+    df["not projected (no run measured)"] = df["not projected (no run measured)"].fillna("")
+    return df

@@ -1,0 +1,69 @@
+"""The cost table is a faithful function of the wall times the result files record."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cola_theory.results import save_result  # noqa: E402
+from paper_repro.lm import cost, study  # noqa: E402
+from paper_repro.lm.profiles import REAL_TASKS, jobs_for  # noqa: E402
+
+# (task, device, wall seconds, threads, pack size): three WSC runs on a cpu, two CB runs on a GPU
+PLANTED = [("wsc", "cpu", 300.0, 1, 3), ("wsc", "cpu", 360.0, 1, 3), ("wsc", "cpu", 600.0, 2, 1),
+           ("cb", "cuda", 30.0, 4, 25), ("cb", "cuda", 90.0, 4, 25)]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cost")
+    jobs = {t: [j for j in jobs_for("real") if j.cfg.task == t] for t in ("wsc", "cb")}
+    for i, (task, device, wall, threads, pack) in enumerate(PLANTED):
+        job = jobs[task][i]
+        meta = {"created_at": "2026-12-01T00:00:00Z", "device": device, "wall_time_s": wall,
+                "torch_threads": threads, **({"packed": {"size": pack, "index": 0}} if pack > 1 else {})}
+        save_result(job.result_path(root), config={**job.cfg.to_dict(), "chain": {}}, history=[],
+                    metrics={"status": "finished", "test_acc": 0.5, "dev_acc": 0.5}, meta=meta)
+    runs, cov = study.load_study(root, warn=lambda m: None)
+    return cost.cost_table(runs, cov, REAL_TASKS), cov
+
+
+def test_measured_minutes_hours_and_projection(table):
+    t, cov = table
+    total = cov[cov["group"] == "all"].set_index("task")["total"]
+    wsc = t[(t["task"] == "wsc")].iloc[0]
+    assert (wsc["device"], wsc["runs measured"], wsc["threads"], wsc["pack sizes"]) == ("cpu", 3, "1, 2", "1, 3")
+    assert wsc["median_min"] == pytest.approx(6.0) and wsc["min per run: median [range]"] == "6.0 [5.0, 10.0]"
+    assert wsc["run-hours spent"] == pytest.approx(1260 / 3600)
+    assert wsc["missing runs"] == total["wsc"] - 3
+    assert wsc["projected hours (one process)"] == pytest.approx(6.0 * (total["wsc"] - 3) / 60)
+    cb = t[(t["task"] == "cb")].iloc[0]
+    assert (cb["device"], cb["median_min"], cb["pack sizes"]) == ("cuda", pytest.approx(1.0), "25")
+    rte = t[t["task"] == "rte"].iloc[0]  # nothing measured: the missing count, no projection
+    assert rte["runs measured"] == 0 and rte["missing runs"] == total["rte"]
+    assert math.isnan(rte["projected hours (one process)"])
+
+
+def test_one_total_per_device_names_what_it_cannot_project(table):
+    t, cov = table
+    totals = t[t["task"] == "all"].set_index("device")
+    assert set(totals.index) == {"cpu", "cuda"}
+    n_missing = int((cov[cov["group"] == "all"]["total"] - cov[cov["group"] == "all"]["present"]).sum())
+    assert (totals["missing runs"] == n_missing).all()
+    assert totals.loc["cpu", "projected hours (one process)"] == pytest.approx(
+        float(t[(t["task"] == "wsc")]["projected hours (one process)"].iloc[0]))
+    assert "cb" in totals.loc["cpu", "not projected (no run measured)"].split(", ")
+    assert "wsc" in totals.loc["cuda", "not projected (no run measured)"].split(", ")
+    shown = cost.shown(t)
+    assert "median_min" not in shown and (shown[shown["task"] == "rte"]["projected hours (one process)"] == "-").all()
+
+
+def test_no_results_is_a_table_of_missing_runs(tmp_path):
+    runs, cov = study.load_study(tmp_path / "none", warn=lambda m: None)
+    t = cost.cost_table(runs, cov, REAL_TASKS)
+    assert (t[t["task"] != "all"]["runs measured"] == 0).all()
+    assert t[t["task"] == "all"]["missing runs"].iloc[0] == 1525
