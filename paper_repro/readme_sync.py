@@ -111,7 +111,8 @@ def cost_block(tables_dir: Path = TABLES) -> str:
     for _, r in cost.iterrows():
         proj = _hours(r["projected hours (one process)"])
         if r["task"] == "all" and r["not projected (no run measured)"]:
-            proj += f" (not projected, no run measured: {r['not projected (no run measured)']})"
+            names = [TASK_NAMES.get(t, t) for t in str(r["not projected (no run measured)"]).split(", ")]
+            proj += f" (not projected, no run measured: {', '.join(names)})"
         name = "**all**" if r["task"] == "all" else TASK_NAMES.get(r["task"], r["task"])
         lines.append(f"| {name} | {_cell(r['device'])} | {r['runs measured']} | "
                      f"{_cell(r['min per run: median [range]'])} | {_hours(r['run-hours spent'])} | "

@@ -88,7 +88,7 @@ def test_cost_block_follows_its_csv_and_is_rewritten_only_where_its_markers_are(
     lines = rs.cost_block(tmp_path).splitlines()
     assert lines[2] == "| WSC | cpu | 3 | 6.0 [5.0, 10.0] | 0.4 | 222 | 22.2 |"
     assert lines[3] == "| RTE | – | 0 | – | 0.0 | 245 | – |"
-    assert lines[4] == "| **all** | cpu | 3 | – | 0.4 | 467 | 22.2 (not projected, no run measured: rte) |"
+    assert lines[4] == "| **all** | cpu | 3 | – | 0.4 | 467 | 22.2 (not projected, no run measured: RTE) |"
     readme = tmp_path / "README.md"
     readme.write_text(f"{rs.BEGIN}\nx\n{rs.END}\nmid\n{rs.COST_BEGIN}\nold cost\n{rs.COST_END}\nend\n")
     assert rs.sync(readme, tmp_path) is False
