@@ -363,7 +363,12 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     if len(jag):
         parts.append("- (jagged cosine re-warm-up after each knot, steps per task: "
                      + ", ".join(f"{t} {int(k)}" for t, k in jag.items()) + ")")
-    main = per_variant_table(sel, {"LoRA": LORA, "COLA-3": COLA3}, pr.REAL_TASKS)
+    # the arms over the paired seeds, each chosen on the LRs both tried, so that the columns and the difference beside
+    # them describe the same runs while one arm's grid is ahead of the other's (`stats.paired`)
+    pairs = stats.paired(sel, COLA3, LORA)
+    arms = pd.concat([pairs.assign(variant=v, test_acc=pairs[col])
+                      for v, col in ((LORA, "control"), (COLA3, "treatment"))])
+    main = per_variant_table(arms, {"LoRA": LORA, "COLA-3": COLA3}, pr.REAL_TASKS)
     if len(main) and len(comp):
         c3 = stats.pair_rows(comp, COLA3, LORA).set_index("task")
         main["COLA-3 - LoRA [95% CI]"] = [_fmt_ci(c3.loc[t]) if t in c3.index else "-" for t in main["task"]]
@@ -375,7 +380,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     f3 = fig3_table(sel, pr.STEPDOWN_TASKS, pr.STEPDOWN_RANKS)
     variants = tuple(dict.fromkeys([LORA, COLA3, *sorted(set(runs["variant"]))]))
     tables = [("table_real_main", main, None, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std "
-               "over seeds of the dev-selected LR, and the paired COLA-3 - LoRA difference", None),
+               "over the paired seeds of the dev-selected LR (both arms chosen on the LRs both tried), and the paired "
+               "COLA-3 - LoRA difference", None),
               ("table_real_comparisons", comparison_table(comp) if len(comp) else comp, comp,
                "Paired differences (pp) per task and pooled, 95% bootstrap CI, paired t CI, exact sign test",
                lambda d: plot_forest(comp, fig_dir, VS_LORA) + plot_forest(comp, fig_dir, VS_COLA3,
