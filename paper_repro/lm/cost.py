@@ -15,6 +15,8 @@ import math
 
 import pandas as pd
 
+CAPTION = ("What the grid costs: minutes per run from the result files (a pack's wall time / its size; the CPU runs "
+           "mostly ran as two one-thread processes side by side) and missing runs x median for one process")
 COLUMNS = ("task", "device", "runs measured", "threads", "pack sizes", "min per run: median [range]",
            "run-hours spent", "missing runs", "projected hours (one process)")
 

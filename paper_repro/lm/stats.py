@@ -129,6 +129,15 @@ def paired(sel: pd.DataFrame, treatment: str, control: str = LORA) -> pd.DataFra
     return pd.DataFrame(rows, columns=cols)
 
 
+def paired_arms(sel: pd.DataFrame, treatment: str, control: str = LORA) -> pd.DataFrame:
+    """`paired`'s two arms as rows (task, seed, variant, test_acc): the paired seeds, each arm chosen on the LRs both
+    tried, so that a table of the arms and the difference beside it describe the same runs while one arm's grid is
+    ahead of the other's."""
+    pairs = paired(sel, treatment, control)
+    return pd.concat([pairs.assign(variant=v, test_acc=pairs[col]) for v, col in ((control, "control"),
+                                                                                   (treatment, "treatment"))])
+
+
 def bootstrap_ci(groups: Sequence[Sequence[float]], n_resamples: int = N_RESAMPLES, level: float = LEVEL,
                  seed: int = BOOT_SEED) -> tuple[float, float]:
     """Percentile bootstrap interval of mean_g(mean(groups[g])): seeds resampled with replacement within each

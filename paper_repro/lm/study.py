@@ -363,12 +363,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     if len(jag):
         parts.append("- (jagged cosine re-warm-up after each knot, steps per task: "
                      + ", ".join(f"{t} {int(k)}" for t, k in jag.items()) + ")")
-    # the arms over the paired seeds, each chosen on the LRs both tried, so that the columns and the difference beside
-    # them describe the same runs while one arm's grid is ahead of the other's (`stats.paired`)
-    pairs = stats.paired(sel, COLA3, LORA)
-    arms = pd.concat([pairs.assign(variant=v, test_acc=pairs[col])
-                      for v, col in ((LORA, "control"), (COLA3, "treatment"))])
-    main = per_variant_table(arms, {"LoRA": LORA, "COLA-3": COLA3}, pr.REAL_TASKS)
+    main = per_variant_table(stats.paired_arms(sel, COLA3, LORA), {"LoRA": LORA, "COLA-3": COLA3}, pr.REAL_TASKS)
     if len(main) and len(comp):
         c3 = stats.pair_rows(comp, COLA3, LORA).set_index("task")
         main["COLA-3 - LoRA [95% CI]"] = [_fmt_ci(c3.loc[t]) if t in c3.index else "-" for t in main["task"]]
@@ -396,9 +391,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                                            "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
                                            baseline="LoRA r=8")),
               *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, ABLATION),
-              ("table_real_cost", cost.shown(spent := cost.cost_table(runs, cov, pr.REAL_TASKS)), spent,
-               "What the grid costs: minutes per run from the result files (a pack's wall time / its size; the CPU "
-               "runs mostly ran as two one-thread processes side by side) and missing runs x median for one process",
+              ("table_real_cost", cost.shown(spent := cost.cost_table(runs, cov, pr.REAL_TASKS)), spent, cost.CAPTION,
                None)]
     for name, frame, numeric, caption, plot in tables:
         if frame is None or frame.empty:
