@@ -100,13 +100,19 @@ def select_lr_per_seed(runs: pd.DataFrame, keys: Sequence[str] = ("task", "varia
     return pd.DataFrame(out, columns=cols)
 
 
-def _on_common_grid(t_grid: dict, c_grid: dict) -> tuple[float, float, bool] | None:
-    """(treatment test, control test, regridded) of one pair: both arms chosen on the LRs they share (their own
-    choices when they tried the same LRs); None: no common LR, or no choice possible."""
+def common_choice(t_grid: dict, c_grid: dict) -> tuple[tuple[float, str], tuple[float, str]] | None:
+    """((lr, how) of the treatment, (lr, how) of the control) of one pair: both arms chosen by `choose` on the LRs
+    they share (their own choices when they tried the same LRs); None: no common LR, or no choice possible."""
     common = set(t_grid) & set(c_grid)
     t = choose({lr: v for lr, v in t_grid.items() if lr in common}) if common else None
     c = choose({lr: v for lr, v in c_grid.items() if lr in common}) if common else None
-    return None if t is None or c is None else (t_grid[t[0]][1], c_grid[c[0]][1], set(t_grid) != set(c_grid))
+    return None if t is None or c is None else (t, c)
+
+
+def _on_common_grid(t_grid: dict, c_grid: dict) -> tuple[float, float, bool] | None:
+    """(treatment test, control test, regridded) of one pair on `common_choice`'s LRs."""
+    got = common_choice(t_grid, c_grid)
+    return None if got is None else (t_grid[got[0][0]][1], c_grid[got[1][0]][1], set(t_grid) != set(c_grid))
 
 
 def paired(sel: pd.DataFrame, treatment: str, control: str = LORA) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from paper_repro.lm import cost, epochs, stats
+from paper_repro.lm import cost, epochs, pairs, stats
 from paper_repro.lm.stats import COLA3, LORA
 from paper_repro.lm.study_figures import forest_figure, plot_forest, plot_lines  # noqa: F401 (API)
 
@@ -377,6 +377,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     tables = [("table_real_main", main, None, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std "
                "over the paired seeds of the dev-selected LR (both arms chosen on the LRs both tried), and the paired "
                "COLA-3 - LoRA difference", None),
+              ("table_real_pairs", pairs.shown(pp := pairs.pair_table(runs, COLA3, LORA, pr.REAL_TASKS)), pp,
+               pairs.CAPTION, None),
               ("table_real_comparisons", comparison_table(comp) if len(comp) else comp, comp,
                "Paired differences (pp) per task and pooled, 95% bootstrap CI, paired t CI, exact sign test",
                lambda d: plot_forest(comp, fig_dir, VS_LORA) + plot_forest(comp, fig_dir, VS_COLA3,
