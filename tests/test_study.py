@@ -134,6 +134,25 @@ def test_table4_and_fig3_analogues(loaded):
     assert f3.loc["rte", "mean_LoRA r=8"] == pytest.approx(mean("LoRA", "rte"))
 
 
+def test_table4_rows_are_balanced_over_the_runs_every_length_has(tmp_path):
+    # COLA-2 has only seeds 0-2 and lacks the LR that dev prefers (5e-4): every column of the row, LoRA's too, is
+    # taken on seeds 0-2 and chosen on the 4 LRs every length tried (dev ties there -> the lower LR, decoy test 99)
+    write_results(tmp_path, tasks=("wsc",))
+    for job in jobs_for("real"):
+        c = job.cfg
+        if c.task == "wsc" and study.variant_label(c.to_dict()) == "COLA-2" and (c.seed > 2 or c.lr == BEST_LR):
+            job.result_path(tmp_path).unlink()
+    runs, _ = study.load_study(tmp_path, warn=lambda m: None)
+    t4 = study.table4(stats.select_lr_per_seed(runs), ("wsc",)).set_index("task")
+    for n in (1, 2, 3, 5):
+        assert t4.loc["wsc", f"mean_length {n}"] == pytest.approx(99.0)
+        assert t4.loc["wsc", f"length {n}"].endswith("(n=3)")
+    assert t4.loc["wsc", study.COMMON] == "seeds 0, 1, 2; LRs 1e-3, 8e-4, 1e-4, 5e-5"
+    # the pairwise comparisons are unaffected for the pairs that do not involve COLA-2
+    comp = study.comparisons(stats.select_lr_per_seed(runs), ("wsc",))
+    assert stats.pair_rows(comp, "COLA-3", "LoRA").iloc[0]["n_pairs"] == 5
+
+
 def test_report_section_tables_and_verdicts(results, tmp_path):
     files: list[Path] = []
     sections, verdicts = study.report_section(results, tmp_path, files, log=lambda m: None)

@@ -19,6 +19,7 @@ import pandas as pd
 from paper_repro.lm import cost, epochs, pairs, stats
 from paper_repro.lm.stats import COLA3, LORA
 from paper_repro.lm.study_figures import forest_figure, plot_forest, plot_lines  # noqa: F401 (API)
+from paper_repro.lm.variant_tables import COMMON, LENGTHS, fig3_table, per_variant_table, table4  # noqa: F401 (API)
 
 RUN = "python paper_repro/run_all.py"
 RESTART, JAGGED, NO_RESET = "COLA-3, LR restart per link", "COLA-3, jagged cosine LR", "COLA-3, no opt. reset"
@@ -28,7 +29,6 @@ ABLATION = ("COLA-2", "COLA-5", RESTART, JAGGED, NO_RESET)
 VS_LORA = (COLA3, *ABLATION)
 VS_COLA3 = ("COLA-5", RESTART, JAGGED, NO_RESET)
 CHAIN_STEPS = (("COLA-2", LORA), (COLA3, "COLA-2"), ("COLA-5", COLA3))  # Table 4: each length vs the previous
-LENGTHS = (1, 2, 3, 5)
 _ABLATION_WORDS = {stats.SUPPORTED: "supported: it beats COLA-3", stats.NOT_SUPPORTED: "not supported: it is worse "
                    "than COLA-3", stats.INCONCLUSIVE: stats.INCONCLUSIVE, stats.INSUFFICIENT: stats.INSUFFICIENT}
 _SCHEDULES = {"restart": "LR restart per link", "jagged_cosine": "jagged cosine LR", "constant": "constant LR"}
@@ -188,38 +188,6 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
         "sign test +/-/ties": [f"{a}/{b}/{c}" for a, b, c in zip(comp["n_pos"], comp["n_neg"], comp["n_ties"])],
         "sign p": [f"{p:.3g}" if math.isfinite(p) else "-" for p in comp["sign_p"]], "verdict": comp["verdict"],
         "detectable at 80% power (pp)": [f"{m:.2f}" if math.isfinite(m) else "-" for m in comp["mde"]]})
-
-
-def _cell(vals: pd.Series) -> str:
-    vals = vals.dropna()
-    if vals.empty:
-        return "-"
-    return f"{vals.mean():.2f}" + (f" ± {vals.std(ddof=1):.2f}" if len(vals) > 1 else "") + f" (n={len(vals)})"
-
-
-def per_variant_table(sel: pd.DataFrame, variants: dict[str, str], tasks: tuple[str, ...]) -> pd.DataFrame:
-    """Per task: mean ± std (n seeds) of the dev-selected test accuracy of each variant (column name -> variant),
-    plus numeric mean_<col> / std_<col> helper columns (CSV, figures)."""
-    rows = []
-    for task in tasks:
-        row, any_ = {"task": task}, False
-        for col, variant in variants.items():
-            v = sel[(sel["task"] == task) & (sel["variant"] == variant)]["test_acc"]
-            row[col] = _cell(v)
-            row[f"mean_{col}"] = v.mean() if len(v) else math.nan
-            row[f"std_{col}"] = v.std(ddof=1) if len(v) > 1 else math.nan
-            any_ |= bool(len(v))
-        if any_:
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def table4(sel: pd.DataFrame, tasks: tuple[str, ...]) -> pd.DataFrame:
-    return per_variant_table(sel, {f"length {n}": LORA if n == 1 else f"COLA-{n}" for n in LENGTHS}, tasks)
-
-
-def fig3_table(sel: pd.DataFrame, tasks: tuple[str, ...], ranks: tuple[int, ...]) -> pd.DataFrame:
-    return per_variant_table(sel, {"LoRA r=8": LORA, **{f"r={r}": f"step-down 8→{r}" for r in ranks}}, tasks)
 
 
 # --- verdicts and the REPORT.md section ------------------------------------------------------------------
@@ -385,13 +353,15 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                                                                            "fig_real_forest_vs_cola3", COLA3)),
               ("table_real_learned", learned_table(learned), learned, "Is the task learned? Mean of the two arms "
                "(COLA-3, LoRA) minus the untrained model, test accuracy (pp), 95% bootstrap CI over seeds", None),
-              ("table_real_table4", t4, None, "Table 4 analogue: test accuracy vs chain length at 5 epochs",
+              ("table_real_table4", t4, None, "Table 4 analogue: test accuracy vs chain length at 5 epochs "
+               f"(each row on the seeds and LRs every length has: {COMMON})",
                lambda d: plot_lines(d, [f"length {n}" for n in LENGTHS], list(LENGTHS), fig_dir, "fig_real_table4",
                                     "chain length (1 = LoRA)")),
               ("fig3_real_rank_stepdown", f3, None, "Figure 3 analogue: rank 8 for 3 epochs, then r for 2, vs LoRA "
-               "r=8", lambda d: plot_lines(d, [f"r={r}" for r in pr.STEPDOWN_RANKS], list(pr.STEPDOWN_RANKS), fig_dir,
-                                           "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
-                                           baseline="LoRA r=8")),
+               f"r=8 (each row on the seeds and LRs every column has: {COMMON})",
+               lambda d: plot_lines(d, [f"r={r}" for r in pr.STEPDOWN_RANKS], list(pr.STEPDOWN_RANKS), fig_dir,
+                                    "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
+                                    baseline="LoRA r=8")),
               *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, ABLATION),
               ("table_real_cost", cost.shown(spent := cost.cost_table(runs, cov, pr.REAL_TASKS)), spent, cost.CAPTION,
                None)]

@@ -53,7 +53,7 @@ def plot_lines(df: pd.DataFrame, cols: list[str], x: list[float], fig_dir: Path,
     if df is None or df.empty:
         return []
     ncols = min(4, len(df))
-    fig, axes = new_figure(math.ceil(len(df) / ncols), ncols, width=2.6, height=2.3)
+    fig, axes = new_figure(math.ceil(len(df) / ncols), ncols, width=2.6, height=2.3, layout="constrained")
     flat = axes.ravel()
     for ax, (_, row) in zip(flat, df.iterrows()):
         pts = [(xv, row[f"mean_{c}"], row[f"std_{c}"]) for xv, c in zip(x, cols) if math.isfinite(row[f"mean_{c}"])]
