@@ -17,13 +17,10 @@ import numpy as np
 import pandas as pd
 
 from paper_repro.lm import stats
+from paper_repro.lm.tables import fmt_lr
 
 CAPTION = ("The pairs: per task and seed, each arm's dev-chosen LR (on the LRs both tried), dev accuracy, selected "
            "epoch and test accuracy (%), whether the chain's epoch ends after its first knot, and the difference")
-
-
-def _lr(x: float) -> str:
-    return np.format_float_scientific(x, trim="-", exp_digits=1)
 
 
 def _run(runs: pd.DataFrame, task: str, variant: str, seed: int, lr: float) -> pd.Series:
@@ -76,7 +73,7 @@ def shown(pairs: pd.DataFrame) -> pd.DataFrame:
     out = pairs.copy()
     for c in out.columns:
         if c.endswith(" LR"):
-            out[c] = [_lr(x) for x in out[c]]
+            out[c] = [fmt_lr(x) for x in out[c]]
         elif c.endswith((" dev", " test")) or c == "diff (pp)":
             out[c] = [f"{x:+.2f}" if c == "diff (pp)" else f"{x:.2f}" for x in out[c]]
         elif c.endswith(" epoch"):

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from paper_repro.lm import cost, epochs, pairs, stats
+from paper_repro.lm import cost, epochs, lr_rule, pairs, stats
 from paper_repro.lm.stats import COLA3, LORA
 from paper_repro.lm.study_figures import forest_figure, plot_forest, plot_lines  # noqa: F401 (API)
+from paper_repro.lm.tables import fmt_lr
 from paper_repro.lm.variant_tables import COMMON, LENGTHS, fig3_table, per_variant_table, table4  # noqa: F401 (API)
 
 RUN = "python paper_repro/run_all.py"
@@ -190,6 +191,15 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
         "detectable at 80% power (pp)": [f"{m:.2f}" if math.isfinite(m) else "-" for m in comp["mde"]]})
 
 
+def lr_rule_table(comp: pd.DataFrame, lrs: dict) -> pd.DataFrame:
+    """`comparison_table` of `lr_rule.compare`'s rows, with the one LR each arm got per task."""
+    table = comparison_table(comp) if len(comp) else comp
+    if len(table):
+        table.insert(3, "LR (LoRA / COLA-3)", [" / ".join(fmt_lr(x) for x in lrs[t]) if t in lrs else "-"
+                                              for t in table["task"]])
+    return table
+
+
 # --- verdicts and the REPORT.md section ------------------------------------------------------------------
 
 
@@ -321,6 +331,9 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     parts += [f"| {v.claim} ({v.scope}) | **{v.status}** | {v.detail.split(' | ')[0]} |" for v in vs]
     parts += ["", stats.resolution(comp, COLA3, LORA, len(pr.PAPER_SEEDS), len(pr.REAL_TASKS))]
     parts += [sensitivity_line(comp, learned)] if len(learned) else []
+    comp_lr, lr_used = lr_rule.compare(runs, COLA3, LORA, pr.REAL_TASKS)
+    kept = tuple(learned["task"][learned["learned"]]) if len(learned) and not learned["learned"].all() else ()
+    parts.append(lr_rule.line(comp_lr, COLA3, LORA, lr_rule.compare(runs, COLA3, LORA, kept)[0] if kept else None))
     parts += ["What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
               "optimizer reset, 3 links), pooled over tasks:", ""]
     for t in VS_COLA3:
@@ -351,6 +364,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                "Paired differences (pp) per task and pooled, 95% bootstrap CI, paired t CI, exact sign test",
                lambda d: plot_forest(comp, fig_dir, VS_LORA) + plot_forest(comp, fig_dir, VS_COLA3,
                                                                            "fig_real_forest_vs_cola3", COLA3)),
+              ("table_real_lr_per_task", lr_rule_table(comp_lr, lr_used), comp_lr, "Second reading: COLA-3 - "
+               f"LoRA with {lr_rule.RULE}; paired over seeds as in the verdict table", None),
               ("table_real_learned", learned_table(learned), learned, "Is the task learned? Mean of the two arms "
                "(COLA-3, LoRA) minus the untrained model, test accuracy (pp), 95% bootstrap CI over seeds", None),
               ("table_real_table4", t4, None, "Table 4 analogue: test accuracy vs chain length at 5 epochs "

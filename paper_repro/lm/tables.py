@@ -255,6 +255,11 @@ def compute_table(sel: pd.DataFrame) -> pd.DataFrame:
 # --- writers ---------------------------------------------------------------------------------------------
 
 
+def fmt_lr(x: float) -> str:
+    """An LR as the paper writes it: 8e-4, 1e-3."""
+    return np.format_float_scientific(x, trim="-", exp_digits=1)
+
+
 def lr_coverage(runs: pd.DataFrame, variants: Sequence[str], grid: Sequence[float]) -> dict[str, str]:
     """task -> the LRs EVERY (variant, seed) cell of `variants` tried: 'all 5', or '3 of 5: 1e-3, 8e-4, 1e-4'
     (the grid that the dev choice of each pair really had; runs has columns task, variant, seed, lr)."""
@@ -263,7 +268,7 @@ def lr_coverage(runs: pd.DataFrame, variants: Sequence[str], grid: Sequence[floa
     for task, sets in cells.groupby(level="task"):
         common = sorted(frozenset.intersection(*sets), reverse=True)
         out[task] = (f"all {len(grid)}" if set(grid) <= set(common) else f"{len(common)} of {len(grid)}: "
-                     + ", ".join(np.format_float_scientific(x, trim="-", exp_digits=1) for x in common))
+                     + ", ".join(fmt_lr(x) for x in common))
     return out
 
 

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 
 from paper_repro.lm import stats
 from paper_repro.lm.stats import LORA
+from paper_repro.lm.tables import fmt_lr
 
 LENGTHS = (1, 2, 3, 5)
 COMMON = "common runs"  # the column that says which seeds and LRs a balanced row is on
-
-
-def _lr(x: float) -> str:
-    return np.format_float_scientific(x, trim="-", exp_digits=1)
 
 
 def balanced(sel: pd.DataFrame, variants: tuple[str, ...]) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -48,7 +44,7 @@ def balanced(sel: pd.DataFrame, variants: tuple[str, ...]) -> tuple[pd.DataFrame
             rows += [{"task": task, "variant": v, "seed": seed, "lr": p[0], "test_acc": cells[(v, seed)][p[0]][1]}
                      for v, p in picks.items()]
         if kept:
-            lrs = (", ".join(_lr(x) for x in sorted(lr_sets[0], reverse=True)) if len(set(lr_sets)) == 1
+            lrs = (", ".join(fmt_lr(x) for x in sorted(lr_sets[0], reverse=True)) if len(set(lr_sets)) == 1
                    else f"{min(map(len, lr_sets))}-{max(map(len, lr_sets))} per seed")
             labels[task] = f"seeds {', '.join(map(str, kept))}; LRs {lrs}"
     return pd.DataFrame(rows, columns=["task", "variant", "seed", "lr", "test_acc"]), labels
