@@ -34,7 +34,7 @@ def table() -> pd.DataFrame:
     runs = pd.DataFrame([{"task": "cb", "variant": v, "seed": s, "lr": lr, "dev_acc": dev, "test_acc": test,
                           "best_epoch": ep, "first_knot_epoch": math.inf if v == "LoRA" else KNOT}
                          for v, s, lr, dev, test, ep in PLANTED])
-    return pairs.pair_table(runs, "COLA-3", "LoRA", ("sst2", "cb")).set_index("seed")
+    return pairs.pair_table(runs, stats.select_lr_per_seed(runs), "COLA-3", "LoRA", ("sst2", "cb")).set_index("seed")
 
 
 def test_choices_ties_and_common_grid(table):
@@ -63,8 +63,9 @@ def test_the_pairs_average_to_the_committed_comparisons():
     runs, _ = study.load_study(ROOT / "paper_repro" / "results", warn=lambda m: None)
     if runs.empty:
         pytest.skip("no committed real results")
-    p = pairs.pair_table(runs, stats.COLA3, stats.LORA, REAL_TASKS)
-    comp = stats.compare(stats.select_lr_per_seed(runs), stats.COLA3, stats.LORA, REAL_TASKS, n_resamples=10)
+    sel = stats.select_lr_per_seed(runs)
+    p = pairs.pair_table(runs, sel, stats.COLA3, stats.LORA, REAL_TASKS)
+    comp = stats.compare(sel, stats.COLA3, stats.LORA, REAL_TASKS, n_resamples=10)
     per_task = comp[comp["task"] != "pooled"].set_index("task")
     means = p.groupby("task")["diff (pp)"].agg(["mean", "size"])
     assert set(means.index) == set(per_task.index)

@@ -34,8 +34,10 @@ def _epoch(run: pd.Series) -> float:
     return float(e) if e is not None and not (isinstance(e, float) and math.isnan(e)) else math.nan
 
 
-def pair_table(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
-    """One row per (task, seed) paired by `stats.paired`, in `tasks` order: '<arm> LR' (float), '<arm> dev',
+def pair_table(runs: pd.DataFrame, sel: pd.DataFrame, treatment: str, control: str,
+               tasks: tuple[str, ...]) -> pd.DataFrame:
+    """One row per (task, seed) paired by `stats.paired`, in `tasks` order (`sel`: `stats.select_lr_per_seed(runs)`;
+    `runs` gives each chosen run's epoch and knot): '<arm> LR' (float), '<arm> dev',
     '<arm> epoch', '<arm> test' for the control then the treatment, 'LRs both tried', 'after first knot'
     (the treatment's selected epoch ends after its first knot: True / False, None when unknown) and 'diff (pp)'."""
     cols = ["task", "seed", "LRs both tried"]
@@ -44,7 +46,7 @@ def pair_table(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[st
     cols += ["after first knot", "diff (pp)"]
     if runs is None or runs.empty:
         return pd.DataFrame(columns=cols)
-    sel = stats.select_lr_per_seed(runs).set_index(["task", "variant", "seed"])
+    sel = sel.set_index(["task", "variant", "seed"])
     rows = []
     for task in tasks:
         seeds = sorted({s for (t, v, s) in sel.index if t == task and v == treatment}

@@ -100,13 +100,12 @@ def select_lr_per_seed(runs: pd.DataFrame, keys: Sequence[str] = ("task", "varia
     return pd.DataFrame(out, columns=cols)
 
 
-def common_choice(t_grid: dict, c_grid: dict) -> tuple[tuple[float, str], tuple[float, str]] | None:
-    """((lr, how) of the treatment, (lr, how) of the control) of one pair: both arms chosen by `choose` on the LRs
-    they share (their own choices when they tried the same LRs); None: no common LR, or no choice possible."""
-    common = set(t_grid) & set(c_grid)
-    t = choose({lr: v for lr, v in t_grid.items() if lr in common}) if common else None
-    c = choose({lr: v for lr, v in c_grid.items() if lr in common}) if common else None
-    return None if t is None or c is None else (t, c)
+def common_choice(*grids: dict) -> tuple[tuple[float, str], ...] | None:
+    """(lr, how) of each arm, in the order given: every arm chosen by `choose` on the LRs all of them tried (their
+    own choices when they tried the same LRs); None: no common LR, or no choice possible."""
+    common = set.intersection(*(set(g) for g in grids)) if grids else set()
+    picks = tuple(choose({lr: v for lr, v in g.items() if lr in common}) for g in grids) if common else (None,)
+    return None if any(p is None for p in picks) else picks
 
 
 def _on_common_grid(t_grid: dict, c_grid: dict) -> tuple[float, float, bool] | None:

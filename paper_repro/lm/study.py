@@ -358,7 +358,7 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     tables = [("table_real_main", main, None, "SmolLM2-135M at the paper's protocol: test accuracy (%), mean ± std "
                "over the paired seeds of the dev-selected LR (both arms chosen on the LRs both tried), and the paired "
                "COLA-3 - LoRA difference", None),
-              ("table_real_pairs", pairs.shown(pp := pairs.pair_table(runs, COLA3, LORA, pr.REAL_TASKS)), pp,
+              ("table_real_pairs", pairs.shown(pp := pairs.pair_table(runs, sel, COLA3, LORA, pr.REAL_TASKS)), pp,
                pairs.CAPTION, None),
               ("table_real_comparisons", comparison_table(comp) if len(comp) else comp, comp,
                "Paired differences (pp) per task and pooled, 95% bootstrap CI, paired t CI, exact sign test",

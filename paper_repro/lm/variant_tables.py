@@ -5,8 +5,8 @@ variants of a task have not tried the same seeds and LRs (the Table 4 chains of 
 0-2 and 3 LRs, LoRA and COLA-3 have 5 seeds and 5 LRs; a Figure 3 unit may land at one LR), and means over
 different seeds and LR grids are not comparable: a seed's level moves every variant, and a larger grid gives dev
 more chances. So each row is BALANCED (`balanced`): per task, the variants present are taken on the seeds all of
-them have and, per seed, each is chosen by the dev rule (`stats.choose`) on the LRs all of them tried; the row says
-which seeds and LRs that is. (The paired differences of `stats.compare` use the same rule for two arms at a time.)
+them have and, per seed, each is chosen by the dev rule on the LRs all of them tried (`stats.common_choice`); the
+row says which seeds and LRs that is. (The paired differences of `stats.compare` use the same rule for two arms.)
 `per_variant_table` without balancing serves tables whose columns are already paired (`stats.paired_arms`).
 """
 
@@ -35,14 +35,13 @@ def balanced(sel: pd.DataFrame, variants: tuple[str, ...]) -> tuple[pd.DataFrame
         seeds = sorted(set.intersection(*({s for (v, s) in cells if v == p} for p in present)))
         kept, lr_sets = [], []
         for seed in seeds:
-            common = set.intersection(*(set(cells[(v, seed)]) for v in present))
-            picks = {v: stats.choose({lr: x for lr, x in cells[(v, seed)].items() if lr in common}) for v in present}
-            if not common or any(p is None for p in picks.values()):
+            picks = stats.common_choice(*(cells[(v, seed)] for v in present))
+            if picks is None:
                 continue
             kept.append(seed)
-            lr_sets.append(frozenset(common))
+            lr_sets.append(frozenset.intersection(*(frozenset(cells[(v, seed)]) for v in present)))
             rows += [{"task": task, "variant": v, "seed": seed, "lr": p[0], "test_acc": cells[(v, seed)][p[0]][1]}
-                     for v, p in picks.items()]
+                     for v, p in zip(present, picks)]
         if kept:
             lrs = (", ".join(fmt_lr(x) for x in sorted(lr_sets[0], reverse=True)) if len(set(lr_sets)) == 1
                    else f"{min(map(len, lr_sets))}-{max(map(len, lr_sets))} per seed")
