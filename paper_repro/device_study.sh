@@ -59,6 +59,6 @@ for g in ${groups//,/ }; do  # the groups in priority order, each with the time 
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 done
 "$PY" paper_repro/run_all.py --profile "$profile" --results-dir "$results" --missing > "$OUT/missing.txt" 2>&1
-tar -czf "$OUT/real_results.tar.gz" --exclude=checkpoints -C "$results" lm
+tar -czf "$OUT/real_results.tar.gz" --exclude=checkpoints --exclude=trunks -C "$results" lm
 echo "device_study: run_all exit $rc, ${SECONDS} s; results in $OUT/real_results.tar.gz"
 exit "$rc"

@@ -15,7 +15,8 @@ profile still lacks, by shard.
 
 Resumable: a job whose result file is intact (sha256) and was made with the same config is skipped; a killed
 LM run resumes from results/lm/checkpoints/<job id>. `--shard i/n` (0 <= i < n) runs the jobs i, i+n, i+2n, ...
-of the sorted job list (SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); figures are built only
+of the sorted job list, keeping together the chains that share a first-knot trunk (`shard`; SLURM: --shard
+$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); figures are built only
 when n == 1 or with --only figures. Exit codes: 0 ok, 1 a Theorem 4.1 bound is violated, 2 bad arguments,
 3 some job failed (the others still ran).
 """
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most T // (batch_size * max_length) runs per pack (its largest padded training batch; "
                         "activation memory). Default 65536: an estimate for SmolLM2 on one H200 (~1 MB per token "
                         "in float32), not yet measured")
+    p.add_argument("--no-fork", action="store_true",
+                   help="train every chain from step 0 (default: chains that agree up to their first knot, e.g. "
+                        "the rank step-down 8->2/4/6/8 of one LR and seed, start from one shared knot checkpoint, "
+                        "results/lm/trunks; same results, cola_theory.lm.fork)")
     p.add_argument("--pack", type=parse_pack, default="auto", metavar="N|off|auto",
                    help="train up to N LM runs that differ only in lr / seed / schedule / reset as one pack on one "
                         "base (cola_theory.lm.packed_train); off: one run at a time; auto (default): 25 on a "
@@ -213,7 +218,23 @@ def job_list(profile: str, parts: tuple[str, ...], settings: dict | None = None)
 
 
 def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
-    return jobs[i::n]
+    """Shard i of n: whole families of runs that may share a first-knot trunk (`cola_theory.lm.fork.family`; a
+    theory job or a LoRA run is a family of one), each to the shard with the fewest jobs so far (ties: the lowest
+    index), in job order. With families of one this is jobs[i::n]."""
+    if n == 1:
+        return jobs
+    from cola_theory.lm.fork import family
+
+    families: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        families.setdefault(("lm", family(j.lm.cfg)) if j.kind == "lm" else ("theory", j.key), []).append(j)
+    load, mine = [0] * n, set()
+    for members in families.values():
+        k = min(range(n), key=lambda s: (load[s], s))
+        load[k] += len(members)
+        if k == i:
+            mine.update(id(j) for j in members)
+    return [j for j in jobs if id(j) in mine]
 
 
 def _mtimes(folder: Path) -> dict[Path, int]:
@@ -378,6 +399,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, results_dir: Path) -> di
         else:
             run_lm_jobs(lm_jobs, results_dir, data_dir=data_dir, force=args.force, device=args.device,
                         pack=pack_size(args.pack, args.device), budget_s=args.budget_s, pack_tokens=args.pack_tokens,
+                        fork=not args.no_fork,
                         log=lambda m: tqdm.write(m, file=sys.stdout),
                         on_done=lambda job, status: done(f"lm/{job.job_id}", status))
     bar.close()

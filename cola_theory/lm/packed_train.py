@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from cola_theory.chain import run_chain
-from cola_theory.lm import scoring
-from cola_theory.lm.checkpoint import KnotCheckpointer
+from cola_theory.lm import fork, scoring
 from cola_theory.lm.packed import PackedChainBackend, merge_batches
 from cola_theory.lm.packed_best_dev import PackedBestDev
 from cola_theory.lm.run_config import SPEED_ONLY, LMRunConfig
@@ -111,11 +110,13 @@ def packed_scores(model: torch.nn.Module, encode: _Encoder, examples: Sequence[S
 def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | None] | None = None, *,
                   data_dir: str | None = None, model_bundle: tuple | None = None, device: str | None = None,
                   checkpoint_dir: str | Path | None = None, split_validation_as_train: bool = False,
-                  results_root: str | Path | None = None) -> list[dict]:
+                  results_root: str | Path | None = None, trunk_root: str | Path | None = None) -> list[dict]:
     """Train the K configs as one pack and write K result files; returns one payload per config, as `run_lm`.
 
     model_bundle=(model, tokenizer, note) reuses a loaded base (given back untouched: W is never modified).
     checkpoint_dir: knot checkpoints of the whole pack (a killed pack resumes to the same results).
+    trunk_root: with a checkpoint_dir, share the first knot's checkpoint with packs of runs that agree, member by
+    member, up to it (`cola_theory.lm.fork`).
     """
     cfgs = list(cfgs)
     check_lm_packable(cfgs)
@@ -124,6 +125,7 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
         raise ValueError(f"out_paths has {len(out_paths)} entries for {len(cfgs)} configs; give one per config")
     out_paths = [inside_root(results_root, p, "out_path") for p in out_paths]
     checkpoint_dir = inside_root(results_root, checkpoint_dir, "checkpoint_dir")
+    trunk_root = inside_root(results_root, trunk_root, "trunk_root")
     c0, K = cfgs[0], len(cfgs)
     for c in cfgs:
         print(f"[cola] pack of {K}: {c}")
@@ -168,7 +170,7 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
     backend = PackedChainBackend(model, chain_cfgs, batch_fn, target_modules=list(c0.target_modules), pad_id=pad_id,
                                  device=device)
     try:
-        ckpt = KnotCheckpointer(checkpoint_dir, every_steps=c0.checkpoint_every) if checkpoint_dir else None
+        ckpt = fork.checkpointer(checkpoint_dir, c0.checkpoint_every, trunk_root, cfgs, chain_cfgs, "packed", device)
         best = None
         if c0.best_dev:  # MeZO's load_best_model_at_end, run by run (cola_theory.lm.packed_best_dev)
             best = PackedBestDev(backend, dev_losses, steps_per_epoch, chain_cfgs[0].total_steps)
@@ -176,6 +178,7 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
         t_train = time.perf_counter()
         result = run_chain(backend, chain_cfgs[0], log_every=1, checkpointer=ckpt, on_step=best)
         train_s = time.perf_counter() - t_train
+        forked_at = getattr(ckpt, "forked_at", None)
         histories = backend.run_histories(result.history)
         finished = [k for k in range(K) if backend.diverged[k] is None]
         for k in range(K) if best is not None else ():
@@ -195,6 +198,8 @@ def run_lm_packed(cfgs: Sequence[LMRunConfig], out_paths: Sequence[str | Path | 
     payloads = []
     for k, (cfg, out) in enumerate(zip(cfgs, out_paths)):
         m = metrics[k]
+        if forked_at is not None:
+            m["forked_at_step"] = forked_at  # the steps before it were trained by a pack of its family
         # times are the pack's, shared equally by its runs (the pack's totals are kept beside them)
         m.update(train_time_s=train_s / K, pack_train_time_s=train_s, trainable_params=n_params,
                  status="diverged" if backend.diverged[k] else "finished", diverged=backend.diverged[k])

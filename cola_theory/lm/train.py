@@ -16,10 +16,10 @@ import torch
 
 from cola_theory.chain import run_chain
 from cola_theory.config import ChainConfig
-from cola_theory.lm import collectives, scoring
+from cola_theory.lm import collectives, fork, scoring
 from cola_theory.lm.backend import PeftChainBackend
 from cola_theory.lm.best_dev import BestDev, dev_loss
-from cola_theory.lm.checkpoint import KnotCheckpointer, RankZeroCheckpointer
+from cola_theory.lm.checkpoint import RankZeroCheckpointer
 from cola_theory.lm.data import sample_protocol
 from cola_theory.lm.models import load_model
 from cola_theory.lm.run_config import LMRunConfig, fold_mode, resolve_dtype
@@ -201,7 +201,7 @@ def _evaluate(cfg: LMRunConfig, backend: PeftChainBackend, result: Any, best: Be
 def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: str | None = None,
            checkpoint_dir: str | Path | None = None, model_bundle: tuple | None = None, device: str | None = None,
            split_validation_as_train: bool = False, distributed: bool | None = None,
-           results_root: str | Path | None = None) -> dict:
+           results_root: str | Path | None = None, trunk_root: str | Path | None = None) -> dict:
     """Fine-tune one model on one task with LoRA or COLA and write the result file. Returns the payload.
 
     `model_bundle=(model, tokenizer, note)` reuses an already loaded base (its weights are restored after the
@@ -210,9 +210,12 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
     launch with torchrun): `cfg.batch_size` is the GLOBAL batch, each rank trains on a contiguous share of it
     (weighted so the averaged gradient is the global batch's), rank 0 alone writes checkpoints and the result.
     results_root: if given, `out_path` and `checkpoint_dir` must lie inside it (`cola_theory.paths.safe_join`).
+    trunk_root: with a checkpoint_dir, share the first knot's checkpoint with the runs that agree up to it
+    (`cola_theory.lm.fork`; not with `distributed`): the first one leaves it there, the others start from it.
     """
     out_path = inside_root(results_root, out_path, "out_path")
     checkpoint_dir = inside_root(results_root, checkpoint_dir, "checkpoint_dir")
+    trunk_root = inside_root(results_root, trunk_root, "trunk_root")
     me, ddp = _data_parallel(distributed)
     print(f"[cola] {cfg}" + (f" (rank {me.rank} of {me.world_size})" if ddp else ""))
     device = device or (me.device if ddp else "cuda" if torch.cuda.is_available() else "cpu")
@@ -238,12 +241,17 @@ def run_lm(cfg: LMRunConfig, out_path: str | Path | None = None, *, data_dir: st
                                fp32_master=master, device=device, ddp=ddp,
                                compile=None if cfg.compile == "off" else cfg.compile,
                                compile_backend=cfg.compile_backend)
-    ckpt_cls = RankZeroCheckpointer if ddp else KnotCheckpointer
-    ckpt = ckpt_cls(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
+    if ddp:
+        ckpt = RankZeroCheckpointer(checkpoint_dir, every_steps=cfg.checkpoint_every) if checkpoint_dir else None
+    else:
+        ckpt = fork.checkpointer(checkpoint_dir, cfg.checkpoint_every, trunk_root, [cfg], [chain_cfg], "sequential",
+                                 device)
     best = _best_dev(cfg, backend, tok, sample, chain_cfg, steps_per_epoch)
     t_train = time.perf_counter()
     result = run_chain(backend, chain_cfg, log_every=1, checkpointer=ckpt, on_step=best)
     metrics["train_time_s"] = time.perf_counter() - t_train
+    if getattr(ckpt, "forked_at", None) is not None:
+        metrics["forked_at_step"] = ckpt.forked_at  # the steps before it were trained by a run of its family
     _evaluate(cfg, backend, result, best, accuracy, sample, metrics)
     if device.startswith("cuda"):
         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -2,9 +2,13 @@
 
 Per job: result file valid and made with the same config -> skipped; else `run_lm` with
 `checkpoint_dir=results/lm/checkpoints/<job id>` (a killed run resumes from its last knot checkpoint), which is
-deleted after the result is written. A task whose data is missing locally is skipped with the reason; a job that
-raises is reported as failed and the others still run. The base model of all jobs of one model name is loaded
-once and handed to `run_lm` as `model_bundle` (it restores the base weights after each run).
+deleted after the result is written. Chains that agree up to their first knot (rank step-down 8->2/4/6/8 of one
+LR and seed; COLA-3 with and without the optimizer reset) share it: the units of one family run one after the
+other, the first leaves its knot checkpoint in results/lm/checkpoints/trunks/<family>, the others start from it,
+and it is deleted after the family's last unit (`cola_theory.lm.fork`; `fork=False` turns it off).
+A task whose data is missing locally is skipped with the reason; a job that raises is reported as failed and the
+others still run. The base model of all jobs of one model name is loaded once and handed to `run_lm` as
+`model_bundle` (it restores the base weights after each run).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import json
 import shutil
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,13 +157,15 @@ def pack_checkpoint_dir(jobs: list[LMJob], results_dir: Path) -> Path:
 def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, force: bool = False,
                 device: str | None = None, log: Callable[[str], None] = print,
                 on_done: Callable[[LMJob, str], None] | None = None, pack: int = 0,
-                budget_s: float | None = None, pack_tokens: int | None = None) -> LMOutcome:
+                budget_s: float | None = None, pack_tokens: int | None = None, fork: bool = True) -> LMOutcome:
     """Run (or skip) every job; `on_done(job, status)` is called after each (progress bars).
 
     pack > 1: the jobs still to run are trained in packs of up to `pack` runs on one base (`run_lm_packed`;
     a unit left with one job runs sequentially); a failed pack fails its members and the others still run.
     budget_s: start no unit that would end after this many seconds (judged by the longest unit so far; the first
     unit always starts); the jobs left are "deferred" (a GPU window runs what fits, the next one the rest).
+    fork: share first-knot checkpoints between units whose runs agree up to that knot (`unit_family`; the results
+    are the same); a family's units are run one after the other.
     """
     import time
 
@@ -168,7 +175,13 @@ def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, for
     out, data_cache = LMOutcome(), {}
     bundle_key, bundle = None, None
     t_start, longest = time.monotonic(), 0.0
-    for unit in plan_packs(jobs, pack, pack_tokens):
+    units = plan_packs(jobs, pack, pack_tokens)
+    families = [unit_family(u) for u in units]
+    first = {f: i for i, f in reversed(list(enumerate(families)))}
+    order = sorted(range(len(units)), key=lambda i: (first[families[i]], i))  # a family's units one after another
+    left = Counter(families)
+    shared = {f for f, n in left.items() if n > 1 and fork and not force}  # --force: every step computed again
+    for unit, fam in ((units[i], families[i]) for i in order):
         todo = []
         for job in unit:
             jid = job.job_id
@@ -192,7 +205,8 @@ def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, for
                     bundle = None
                     gc.collect()
                     bundle, bundle_key = load_bundle(*key, device), key
-                _run_unit(todo, results_dir, data_dir, bundle, device, force)
+                _run_unit(todo, results_dir, data_dir, bundle, device, force,
+                          trunk_dir(results_dir, fam) if fam in shared else None)
                 for job in todo:
                     out.status[job.job_id] = "ran"
             except Exception as exc:  # noqa: BLE001 - one failed job must not stop the others
@@ -202,14 +216,32 @@ def run_lm_jobs(jobs: Iterable[LMJob], results_dir: Path, *, data_dir: Path, for
                     f"{traceback.format_exc()}")
                 bundle_key, bundle = None, None  # the shared model may be left half-modified: reload it
             longest = max(longest, time.monotonic() - t_unit)
+        left[fam] -= 1
+        if fam in shared and not left[fam]:  # the family's last unit: its trunk is not needed any more
+            shutil.rmtree(trunk_dir(results_dir, fam), ignore_errors=True)
         if on_done is not None:
             for job in unit:
                 on_done(job, out.status[job.job_id])
     return out
 
 
-def _run_unit(todo: list[LMJob], results_dir: Path, data_dir: Path, bundle: tuple, device: str, force: bool) -> None:
-    """One job with `run_lm`, or several with `run_lm_packed`; knot checkpoints deleted once the results exist."""
+def unit_family(unit: list[LMJob]) -> tuple:
+    """Units with equal families may share a first-knot trunk (`cola_theory.lm.fork.family`, member by member)."""
+    from cola_theory.lm.fork import family
+
+    return tuple(family(j.cfg) for j in unit)
+
+
+def trunk_dir(results_dir: Path, fam: tuple) -> Path:
+    """Where the units of family `fam` share their first-knot checkpoint (`cola_theory.lm.fork`)."""
+    digest = hashlib.sha256(repr(fam).encode()).hexdigest()[:16]
+    return Path(results_dir) / "lm" / "checkpoints" / "trunks" / digest
+
+
+def _run_unit(todo: list[LMJob], results_dir: Path, data_dir: Path, bundle: tuple, device: str, force: bool,
+              trunks: Path | None = None) -> None:
+    """One job with `run_lm`, or several with `run_lm_packed`; knot checkpoints deleted once the results exist
+    (`trunks`: where the unit's family shares its first-knot checkpoint)."""
     import torch
 
     from cola_theory.lm.packed_train import run_lm_packed
@@ -223,9 +255,10 @@ def _run_unit(todo: list[LMJob], results_dir: Path, data_dir: Path, bundle: tupl
         job = todo[0]
         torch.manual_seed(job.cfg.seed)  # dropout draws independent of what ran before in this process
         run_lm(job.cfg, job.result_path(results_dir), data_dir=str(data_dir), checkpoint_dir=ckpt,
-               model_bundle=bundle, device=device, split_validation_as_train=vat)
+               model_bundle=bundle, device=device, split_validation_as_train=vat, trunk_root=trunks)
     else:
         torch.manual_seed(todo[0].cfg.seed)
         run_lm_packed([j.cfg for j in todo], [j.result_path(results_dir) for j in todo], data_dir=str(data_dir),
-                      checkpoint_dir=ckpt, model_bundle=bundle, device=device, split_validation_as_train=vat)
+                      checkpoint_dir=ckpt, model_bundle=bundle, device=device, split_validation_as_train=vat,
+                      trunk_root=trunks)
     shutil.rmtree(ckpt, ignore_errors=True)
