@@ -4,6 +4,7 @@ result its unforked run writes, in both engines; the key separates runs whose fi
 import dataclasses
 import shutil
 
+import pytest
 from lm_fixtures import DATA_DIR, needs_data
 
 from cola_theory.lm.fork import trunk_key
@@ -143,3 +144,35 @@ def test_the_runner_forks_the_step_down_family_and_results_equal_an_unforked_run
     trunks = [tmp_path / d / "lm" / "checkpoints" / "trunks" for d in ("f", "p")]
     assert trunks[0].is_dir() and not any(trunks[0].iterdir())  # used, then deleted after the family's last unit
     assert not trunks[1].exists()
+
+
+@needs_data
+def test_a_run_killed_after_its_first_knot_shares_that_checkpoint_when_it_resumes(tmp_path, monkeypatch, capsys):
+    """A run killed after its first-knot checkpoint (e.g. started before forking existed) resumes from it and leaves
+    it as the trunk; a family member then forks from it and still writes its unforked result."""
+    from cola_theory.lm import best_dev as mod
+    from cola_theory.lm.train import run_lm
+
+    bundle, trunks = _bundle(), tmp_path / "trunks"
+    kw = dict(data_dir=str(DATA_DIR), model_bundle=bundle, device="cpu")
+    real_call = mod.BestDev.__call__
+
+    def dying(self, t, link=None):
+        real_call(self, t, link)
+        if t == 9:  # one step after the first knot (step 8), whose checkpoint is on disk
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(mod.BestDev, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_lm(STEP, checkpoint_dir=tmp_path / "a", **kw)  # no trunk_root: as a run of the old code
+    monkeypatch.setattr(mod.BestDev, "__call__", real_call)
+    assert not trunks.exists()
+    kw["model_bundle"] = _bundle()  # the killed run left the shared model wrapped (the runner reloads it too)
+    capsys.readouterr()
+    resumed = run_lm(STEP, checkpoint_dir=tmp_path / "a", trunk_root=trunks, **kw)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "trunk of step 8 saved" in out and "forked_at_step" not in resumed["metrics"]
+    other = dataclasses.replace(STEP, rank=(4, 1))
+    forked = run_lm(other, checkpoint_dir=tmp_path / "b", trunk_root=trunks, **kw)
+    assert forked["metrics"]["forked_at_step"] == 8
+    _same(forked, run_lm(other, **kw))

@@ -104,26 +104,36 @@ class ForkingCheckpointer(KnotCheckpointer):
     def trunk(self) -> Path:
         return self.trunk_dir / f"{PREFIX}{self.step:09d}"
 
+    def _publish(self, path: Path) -> None:
+        """Copy this run's own first-knot checkpoint `path` to the trunk, unless a family member got there first."""
+        if self.trunk.exists() or not path.is_dir():
+            return
+        self.trunk_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.trunk_dir / f".tmp-{self.trunk.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp)
+        try:
+            os.replace(tmp, self.trunk)  # atomic
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.trunk.exists():
+            self.log(f"[cola] trunk of step {self.step} saved to {self.trunk_dir} (runs that agree up to this knot "
+                     "will start from it)")
+
     def save(self, backend: Any, t: int, history: list[dict], at_knot: bool) -> Path | None:
         path = super().save(backend, t, history, at_knot)
-        if path is not None and t == self.step and not self.trunk.exists():
-            self.trunk_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.trunk_dir / f".tmp-{self.trunk.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(path, tmp)
-            try:
-                os.replace(tmp, self.trunk)  # atomic; a family member that got there first keeps its copy
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if self.trunk.exists():
-                self.log(f"[cola] trunk of step {t} saved to {self.trunk_dir} (runs that agree up to this knot "
-                         "will start from it)")
+        if path is not None and t == self.step:
+            self._publish(path)
         return path
 
     def restore(self, backend: Any) -> tuple[int, list[dict]] | None:
         own = super().restore(backend)
-        if own is not None or not self.trunk.is_dir():
+        if own is not None:
+            if own[0] == self.step:  # killed after its first knot's checkpoint: that checkpoint is the trunk too
+                self._publish(self.directory / f"{PREFIX}{self.step:09d}")
             return own
+        if not self.trunk.is_dir():
+            return None
         try:
             ckpt = self.load(self.trunk)
         except CorruptResultError as exc:  # shared by other runs: reported, left in place, not loaded
