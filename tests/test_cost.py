@@ -13,21 +13,23 @@ from cola_theory.results import save_result  # noqa: E402
 from paper_repro.lm import cost, study  # noqa: E402
 from paper_repro.lm.profiles import REAL_TASKS, jobs_for  # noqa: E402
 
-# (task, device, wall seconds, threads, pack size): three WSC runs on a cpu, two CB runs on a GPU
-PLANTED = [("wsc", "cpu", 300.0, 1, 3), ("wsc", "cpu", 360.0, 1, 3), ("wsc", "cpu", 600.0, 2, 1),
-           ("cb", "cuda", 30.0, 4, 25), ("cb", "cuda", 90.0, 4, 25)]
+# (task, device, wall seconds, threads, pack size, forked at step): three WSC runs on a cpu trained from step 0 and
+# one forked from a family member's knot (its 60 s are spent, not a run's cost), two CB runs on a GPU
+PLANTED = [("wsc", "cpu", 300.0, 1, 3, None), ("wsc", "cpu", 360.0, 1, 3, None), ("wsc", "cpu", 600.0, 2, 1, None),
+           ("cb", "cuda", 30.0, 4, 25, None), ("cb", "cuda", 90.0, 4, 25, None), ("wsc", "cpu", 60.0, 1, 3, 21)]
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     root = tmp_path_factory.mktemp("cost")
     jobs = {t: [j for j in jobs_for("real") if j.cfg.task == t] for t in ("wsc", "cb")}
-    for i, (task, device, wall, threads, pack) in enumerate(PLANTED):
+    for i, (task, device, wall, threads, pack, forked) in enumerate(PLANTED):
         job = jobs[task][i]
         meta = {"created_at": "2026-12-01T00:00:00Z", "device": device, "wall_time_s": wall,
                 "torch_threads": threads, **({"packed": {"size": pack, "index": 0}} if pack > 1 else {})}
         save_result(job.result_path(root), config={**job.cfg.to_dict(), "chain": {}}, history=[],
-                    metrics={"status": "finished", "test_acc": 0.5, "dev_acc": 0.5}, meta=meta)
+                    metrics={"status": "finished", "test_acc": 0.5, "dev_acc": 0.5,
+                             **({"forked_at_step": forked} if forked else {})}, meta=meta)
     runs, cov = study.load_study(root, warn=lambda m: None)
     return cost.cost_table(runs, cov, REAL_TASKS), cov
 
@@ -36,11 +38,12 @@ def test_measured_minutes_hours_and_projection(table):
     t, cov = table
     total = cov[cov["group"] == "all"].set_index("task")["total"]
     wsc = t[(t["task"] == "wsc")].iloc[0]
-    assert (wsc["device"], wsc["runs measured"], wsc["threads"], wsc["pack sizes"]) == ("cpu", 3, "1, 2", "1, 3")
+    assert (wsc["device"], wsc["runs measured"], wsc["threads"], wsc["pack sizes"]) == ("cpu", 4, "1, 2", "1, 3")
+    # the forked run's minute is not a run's cost: median and range of the 3 runs trained from step 0
     assert wsc["median_min"] == pytest.approx(6.0) and wsc["min per run: median [range]"] == "6.0 [5.0, 10.0]"
-    assert wsc["run-hours spent"] == pytest.approx(1260 / 3600)
-    assert wsc["missing runs"] == total["wsc"] - 3
-    assert wsc["projected hours (one process)"] == pytest.approx(6.0 * (total["wsc"] - 3) / 60)
+    assert wsc["run-hours spent"] == pytest.approx(1320 / 3600)
+    assert wsc["missing runs"] == total["wsc"] - 4
+    assert wsc["projected hours (one process)"] == pytest.approx(6.0 * (total["wsc"] - 4) / 60)
     cb = t[(t["task"] == "cb")].iloc[0]
     assert (cb["device"], cb["median_min"], cb["pack sizes"]) == ("cuda", pytest.approx(1.0), "25")
     rte = t[t["task"] == "rte"].iloc[0]  # nothing measured: the missing count, no projection

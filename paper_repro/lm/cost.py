@@ -6,7 +6,10 @@ device: how many runs were measured, the median and range of minutes per run, th
 of the profile are still missing, and the projection `missing x median` for one process on that device. The CPU
 runs here mostly ran as two single-threaded processes side by side, so their measured minutes already include
 that sharing and two such processes finish the projection in about half the time. Tasks with no measured run on a
-device get no projection (their inputs differ too much in length to borrow another task's cost).
+device get no projection (their inputs differ too much in length to borrow another task's cost). A forked run
+(`cola_theory.lm.fork`: it started from a family member's first-knot checkpoint) trained only its last links: its
+hours count as spent, but the minutes per run (and so the projection) come from the runs trained from step 0, and
+the projection does not count the savings of forks still to come.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import math
 import pandas as pd
 
 CAPTION = ("What the grid costs: minutes per run from the result files (a pack's wall time / its size; the CPU runs "
-           "mostly ran as two one-thread processes side by side) and missing runs x median for one process")
+           "mostly ran as two one-thread processes side by side; forked runs count in the hours spent, not in the "
+           "minutes per run) and missing runs x median for one process")
 COLUMNS = ("task", "device", "runs measured", "threads", "pack sizes", "min per run: median [range]",
            "run-hours spent", "missing runs", "projected hours (one process)")
 
@@ -42,13 +46,15 @@ def cost_table(runs: pd.DataFrame, coverage: pd.DataFrame, tasks: tuple[str, ...
                          "missing runs": missing[task], "projected hours (one process)": math.nan})
             continue
         for device, d in mine.groupby("device", sort=True):
-            minutes = d["wall_time_s"].astype(float) / 60.0
+            spent = d["wall_time_s"].astype(float) / 60.0
+            whole = d[d["forked_at_step"].isna()] if "forked_at_step" in d else d  # trained from step 0
+            minutes = (whole if len(whole) else d)["wall_time_s"].astype(float) / 60.0
             packs = d["engine"].str.extract(r"packed \((\d+)\)")[0].astype(float).fillna(1.0)
             med = float(minutes.median())
             rows.append({"task": task, "device": device, "runs measured": len(d), "threads": _values(
                 d["torch_threads"]), "pack sizes": _values(packs),
                 "min per run: median [range]": f"{med:.1f} [{minutes.min():.1f}, {minutes.max():.1f}]",
-                "median_min": med, "run-hours spent": float(minutes.sum() / 60.0), "missing runs": missing[task],
+                "median_min": med, "run-hours spent": float(spent.sum() / 60.0), "missing runs": missing[task],
                 "projected hours (one process)": med * missing[task] / 60.0})
     out = pd.DataFrame(rows)
     totals = []

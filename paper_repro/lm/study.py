@@ -90,19 +90,22 @@ def load_study(results_dir: Path, jobs: list | None = None,
                      "first_knot_epoch": epochs.first_knot_epoch(cfg, m.get("steps_per_epoch")),
                      "validation_as_train": bool(cfg.get("split_validation_as_train", False)),
                      "restart_warmup_steps": (cfg.get("chain_overrides") or {}).get("restart_warmup_steps"),
-                     "engine": _engine(payload["meta"]), "device": str(payload["meta"].get("device", "unknown")),
+                     "engine": _engine(payload["meta"], m), "device": str(payload["meta"].get("device", "unknown")),
                      "wall_time_s": payload["meta"].get("wall_time_s", m.get("wall_time_s", math.nan)),
                      "torch_threads": payload["meta"].get("torch_threads"),
+                     "forked_at_step": m.get("forked_at_step"),
                      "created": str(payload["meta"].get("created_at", ""))})
     coverage = pd.DataFrame(cov, columns=["group", "task", "present"])
     coverage = coverage.groupby(["group", "task"], sort=False)["present"].agg(present="sum", total="count")
     return pd.DataFrame(rows), coverage.reset_index()
 
 
-def _engine(meta: dict) -> str:
-    """'packed (k)' for a run trained in a pack of k (`packed_train`), else 'sequential' (`run_lm`)."""
+def _engine(meta: dict, metrics: dict | None = None) -> str:
+    """'packed (k)' for a run trained in a pack of k (`packed_train`), else 'sequential' (`run_lm`); ', forked'
+    when it started from a family member's first-knot checkpoint (`cola_theory.lm.fork`)."""
     pack = meta.get("packed")
-    return f"packed ({int(pack['size'])})" if isinstance(pack, dict) and "size" in pack else "sequential"
+    name = f"packed ({int(pack['size'])})" if isinstance(pack, dict) and "size" in pack else "sequential"
+    return name + (", forked" if (metrics or {}).get("forked_at_step") is not None else "")
 
 
 def provenance(runs: pd.DataFrame) -> str:
