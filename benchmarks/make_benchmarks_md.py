@@ -8,6 +8,7 @@ python benchmarks/compile_lm.py            # -> results/compile_lm_cpu.json  (CP
 python benchmarks/fold_precision.py        # -> results/fold_precision.json  (CPU, ~10 s)
 python benchmarks/pack_bench.py --size tiny     # -> results/pack_bench_tiny_cpu.json (CPU, ~1 min)
 python benchmarks/pack_bench.py --size smollm2  # -> results/pack_bench_smollm2_<device>.json (CPU ~5 min)
+python benchmarks/fork_bench.py           # -> results/fork_bench.json (from the committed `real` results, ~20 s)
 python benchmarks/make_benchmarks_md.py    # -> ../BENCHMARKS.md
 """
 
@@ -156,6 +157,24 @@ def pack_section(rep: dict) -> list[str]:
     return lines + [""]
 
 
+def fork_section(rep: dict) -> list[str]:
+    """What a forked run costs against one trained from step 0 (benchmarks/fork_bench.py)."""
+    from fork_bench import markdown  # noqa: PLC0415 - sibling script
+
+    lines = ["## Forked runs: the rank step-down family on real results (`cola_theory.lm.fork`)", "",
+             _machine(rep["meta"]) + " (the report's date; the runs' own dates are in their result files)", "",
+             markdown(rep), "", "| goal | measured | verdict |", "|---|---|---|"]
+    for r in rep["rows"]:
+        if r["variant"].startswith("step-down"):
+            lines.append(f"| forked step-down run <= {rep['goal']} x a run from step 0 ({r['task']}, {r['engine']}, "
+                         f"{r['variant']}) | {r['ratio']:.2f}x | {ok(r['ratio'] <= rep['goal'])} |")
+    lines += ["", "Measured from the wall times the result files record (a pack's wall time / its size), runs of the "
+              "same task, device, engine, threads and variant; medians, as a run killed and resumed records only "
+              "its last process's time. A family of n runs costs 1 + (n - 1) x ratio runs' worth instead of n; the "
+              "results are the same (tests/test_fork.py).", ""]
+    return lines
+
+
 def main() -> str:
     lines = [
         "# Benchmarks",
@@ -203,6 +222,9 @@ def main() -> str:
         lines += fold_section(fold)
     for path in sorted(RES.glob("pack_bench_*.json")):
         lines += pack_section(json.loads(path.read_text()))
+    fork = _load("fork_bench.json")
+    if fork:
+        lines += fork_section(fork)
     text = "\n".join(lines)
     atomic_write_text(HERE.parent / "BENCHMARKS.md", text)
     return text

@@ -70,3 +70,29 @@ def test_no_results_is_a_table_of_missing_runs(tmp_path):
     t = cost.cost_table(runs, cov, REAL_TASKS)
     assert (t[t["task"] != "all"]["runs measured"] == 0).all()
     assert t[t["task"] == "all"]["missing runs"].iloc[0] == 1525
+
+
+def test_fork_bench_compares_forked_runs_with_runs_from_step_0(tmp_path):
+    """benchmarks/fork_bench.py on planted step-down results: median minutes per run of each kind, the ratio, the
+    fraction of steps a forked run trains (its first knot after 3 of 5 epochs), and the BENCHMARKS.md goal row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fork_bench
+    import make_benchmarks_md
+
+    jobs = [j for j in jobs_for("real") if j.cfg.task == "sst2" and j.cfg.link_epochs == (3.0, 2.0)
+            and j.cfg.rank == (8, 4)]
+    for job, wall, forked in zip(jobs, (600.0, 720.0, 900.0, 240.0, 300.0), (None, None, None, 375, 375)):
+        meta = {"created_at": "2026-12-07T00:00:00Z", "device": "cpu", "wall_time_s": wall, "torch_threads": 1,
+                "packed": {"size": 2, "index": 0}}
+        save_result(job.result_path(tmp_path), config={**job.cfg.to_dict(), "chain": {}}, history=[],
+                    metrics={"status": "finished", "test_acc": 0.5, "dev_acc": 0.5, "steps_per_epoch": 125,
+                             **({"forked_at_step": forked} if forked else {})}, meta=meta)
+    rep = fork_bench.measure(tmp_path)
+    (row,) = rep["rows"]
+    assert (row["variant"], row["runs from step 0"], row["forked runs"]) == ("step-down 8→4", 3, 2)
+    assert row["min per run from step 0"] == pytest.approx(12.0) and row["min per forked run"] == pytest.approx(4.5)
+    assert row["ratio"] == pytest.approx(4.5 / 12.0) and row["steps trained by a forked run"] == pytest.approx(0.4)
+    section = "\n".join(make_benchmarks_md.fork_section(rep))
+    assert "| 0.38x | met |" in section and "2.12" in section  # a family of 4: 1 + 3 x 0.375 runs' worth
+    with pytest.raises(SystemExit, match="no forked run"):
+        fork_bench.measure(tmp_path / "empty")
