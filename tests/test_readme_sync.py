@@ -95,3 +95,24 @@ def test_cost_block_follows_its_csv_and_is_rewritten_only_where_its_markers_are(
     text = readme.read_text()
     assert "old cost" not in text and "| **all** | cpu |" in text and text.endswith(f"{rs.COST_END}\nend\n")
     assert "\nmid\n" in text and rs.sync(readme, tmp_path, check=True) is True
+
+
+def test_second_reading_block_follows_its_csv_with_each_arms_one_lr(tmp_path):
+    _tables(tmp_path, t_lo=-3.0, verdict="not supported", learned=True)
+    with pytest.raises(FileNotFoundError, match="table_real_lr_per_task.csv is missing"):
+        rs.lr_rule_block(tmp_path)
+    base = dict(treatment="COLA-3", control="LoRA", n_tasks=1, ci_lo=0.36, ci_hi=1.79, t_lo=-0.14, t_hi=2.29,
+                n_pos=3, n_neg=0, n_ties=2, sign_p=0.25, verdict="supported", mde=1.65)
+    pd.DataFrame([{**base, "task": "cb", "n_pairs": 5, "mean_diff": 1.07, "lr_control": 5e-4, "lr_treatment": 8e-4},
+                  {**base, "task": "pooled", "n_pairs": 25, "mean_diff": -0.69, "verdict": "inconclusive at this scale",
+                   "lr_control": float("nan"), "lr_treatment": float("nan")}]).to_csv(
+        tmp_path / "table_real_lr_per_task.csv", index=False)
+    lines = rs.lr_rule_block(tmp_path).splitlines()
+    assert lines[2] == ("| CB | 5e-4 / 8e-4 | 5 | +1.07 [+0.36, +1.79] | [−0.14, +2.29] | 3/0/2 (0.25) | "
+                        "**supported** (fragile: t interval contains 0) |")
+    assert lines[3].startswith("| **pooled** | – | 25 | −0.69 [+0.36, +1.79] |")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rs.BEGIN}\nx\n{rs.END}\n{rs.LR_BEGIN}\nold\n{rs.LR_END}\nend\n")
+    assert rs.sync(readme, tmp_path) is False
+    text = readme.read_text()
+    assert "\nold\n" not in text and "| CB | 5e-4 / 8e-4 |" in text and rs.sync(readme, tmp_path, check=True)

@@ -75,3 +75,19 @@ def _learned(comp: pd.DataFrame | None) -> str:
     r = stats.pooled_row(comp, *comp[["treatment", "control"]].iloc[0]) if comp is not None and len(comp) else None
     return "" if r is None else (f" Learned tasks only ({', '.join(comp['task'][comp['task'] != 'pooled'])}): "
                                  f"{stats.describe(r)}: **{r['verdict']}**.")
+
+
+def with_lrs(comp: pd.DataFrame, lrs: dict) -> pd.DataFrame:
+    """`compare`'s rows with the one LR of each arm (`lr_control`, `lr_treatment`; NaN for the pooled rows), as
+    saved in table_real_lr_per_task.csv (README's second-reading block reads them there)."""
+    if not len(comp):
+        return comp
+    pick = lambda t, i: lrs[t][i] if t in lrs else math.nan  # noqa: E731
+    return comp.assign(lr_control=[pick(t, 0) for t in comp["task"]], lr_treatment=[pick(t, 1) for t in comp["task"]])
+
+
+def with_learned(comp: pd.DataFrame, learned: pd.DataFrame | None) -> pd.DataFrame:
+    """`comp` plus the pooled row of `learned` (the same comparison on the learned tasks) as task `stats.LEARNED`."""
+    if learned is None or not len(learned) or not len(comp):
+        return comp
+    return pd.concat([comp, learned[learned["task"] == "pooled"].assign(task=stats.LEARNED)], ignore_index=True)

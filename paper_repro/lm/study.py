@@ -336,7 +336,9 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
     parts += [sensitivity_line(comp, learned)] if len(learned) else []
     comp_lr, lr_used = lr_rule.compare(runs, COLA3, LORA, pr.REAL_TASKS)
     kept = tuple(learned["task"][learned["learned"]]) if len(learned) and not learned["learned"].all() else ()
-    parts.append(lr_rule.line(comp_lr, COLA3, LORA, lr_rule.compare(runs, COLA3, LORA, kept)[0] if kept else None))
+    learned_lr = lr_rule.compare(runs, COLA3, LORA, kept)[0] if kept else None
+    parts.append(lr_rule.line(comp_lr, COLA3, LORA, learned_lr))
+    comp_lr = lr_rule.with_learned(comp_lr, learned_lr)
     parts += ["What makes a chain win: each change against COLA-3 (linear decay over the whole chain, full "
               "optimizer reset, 3 links), pooled over tasks:", ""]
     for t in VS_COLA3:
@@ -367,7 +369,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                "Paired differences (pp) per task and pooled, 95% bootstrap CI, paired t CI, exact sign test",
                lambda d: plot_forest(comp, fig_dir, VS_LORA) + plot_forest(comp, fig_dir, VS_COLA3,
                                                                            "fig_real_forest_vs_cola3", COLA3)),
-              ("table_real_lr_per_task", lr_rule_table(comp_lr, lr_used), comp_lr, "Second reading: COLA-3 - "
+              ("table_real_lr_per_task", lr_rule_table(comp_lr, lr_used), lr_rule.with_lrs(comp_lr, lr_used),
+               "Second reading: COLA-3 - "
                f"LoRA with {lr_rule.RULE}; paired over seeds as in the verdict table", None),
               ("table_real_learned", learned_table(learned), learned, "Is the task learned? Mean of the two arms "
                "(COLA-3, LoRA) minus the untrained model, test accuracy (pp), 95% bootstrap CI over seeds", None),
