@@ -199,3 +199,22 @@ def test_fixed_lr_gaps_compare_each_lr_alone_and_count_the_runs_that_can_differ(
     assert one["n_pairs"].tolist() == [1] and math.isnan(one["ci_lo"].iloc[0])
     assert epochs.fixed_lr_table(one, "COLA-3", "LoRA")["COLA-3 - LoRA [95% CI]"].tolist() == ["+0.00"]
     assert epochs.fixed_lr_table(one, "COLA-3", "LoRA")["paired t 95% CI"].tolist() == ["-"]
+
+
+def test_fixed_lr_variants_stack_each_step_down_against_lora_at_each_lr():
+    rows = []
+    for seed in (0, 1):
+        rows.append({"task": "sst2", "variant": "LoRA", "seed": seed, "lr": 1e-4, "test_acc": 80.0 + seed,
+                     "best_epoch": 5, "first_knot_epoch": math.inf})
+        for r, effect in ((2, -1.0), (8, 0.5)):
+            rows.append({"task": "sst2", "variant": f"step-down 8→{r}", "seed": seed, "lr": 1e-4,
+                         "test_acc": 80.0 + seed + effect, "best_epoch": 5, "first_knot_epoch": 3.0})
+    rows.append({"task": "sst2", "variant": "step-down 8→4", "seed": 0, "lr": 8e-4, "test_acc": 90.0,
+                 "best_epoch": 2, "first_knot_epoch": 3.0})  # no LoRA run at 8e-4: no row
+    variants = tuple(f"step-down 8→{r}" for r in (2, 4, 6, 8))
+    shown, numeric = epochs.fixed_lr_variants(pd.DataFrame(rows), variants, "LoRA", ("sst2",))
+    assert numeric["variant"].tolist() == ["step-down 8→2", "step-down 8→8"]
+    assert numeric["mean_diff"].tolist() == pytest.approx([-1.0, 0.5]) and (numeric["n_pairs"] == 2).all()
+    assert list(shown.columns[:3]) == ["task", "LR", "variant"] and "step-down - LoRA [95% CI]" in shown.columns
+    assert shown["step-down selected after its first knot"].tolist() == ["2 of 2", "2 of 2"]
+    assert all(len(f) == 0 for f in epochs.fixed_lr_variants(pd.DataFrame(rows[:1]), variants, "LoRA", ("sst2",)))

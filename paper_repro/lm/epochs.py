@@ -223,11 +223,27 @@ def fixed_lr_table(gaps: pd.DataFrame, treatment: str, control: str) -> pd.DataF
                          f"{treatment} selected after its first knot": gaps["after_knot"]})
 
 
+def fixed_lr_variants(runs: pd.DataFrame, variants: tuple[str, ...], control: str,
+                      tasks: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`fixed_lr_gaps` of each of `variants` against `control` (e.g. the rank step-downs against LoRA), one block
+    per variant: (display, numeric) with a `variant` column; rows only where both arms ran at that LR."""
+    parts = [(v, fixed_lr_gaps(runs, v, control, tasks)) for v in variants]
+    parts = [(v, g) for v, g in parts if len(g)]
+    if not parts:
+        return pd.DataFrame(), pd.DataFrame()
+    shown = [fixed_lr_table(g, "step-down", control).assign(variant=v) for v, g in parts]
+    shown = pd.concat(shown, ignore_index=True)
+    shown = shown[["task", "LR", "variant", *[c for c in shown.columns if c not in ("task", "LR", "variant")]]]
+    return shown, pd.concat([g.assign(variant=v) for v, g in parts], ignore_index=True)
+
+
 def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...],
-                  variants: tuple[str, ...], fig_dir: Path, ablation: tuple[str, ...] = ()) -> list[tuple]:
+                  variants: tuple[str, ...], fig_dir: Path, ablation: tuple[str, ...] = (),
+                  stepdown: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> list[tuple]:
     """The diagnostics of this module as the study report writes them: (name, display frame, numeric frame or
     None, caption, plot of the display frame or None) per table. `ablation`: the variants whose dev losses are
-    also compared with `control`'s."""
+    also compared with `control`'s; `stepdown`: (variants, tasks) of the Figure 3 rows, compared with `control`
+    at each LR."""
     gaps = dev_loss_gaps(runs, treatment, control, tasks)
     by_lr = dev_loss_gaps(runs, treatment, control, tasks, by_lr=True)
     fixed = fixed_lr_gaps(runs, treatment, control, tasks)
@@ -245,6 +261,10 @@ def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
             ("table_real_fixed_lr", fixed_lr_table(fixed, treatment, control), fixed, "At each LR, no LR "
              f"selection: test accuracy (%) {treatment} - {control} at the same seed (a diagnostic beside the "
              "dev-selected verdicts)", None),
+            ("table_real_fig3_fixed_lr", *fixed_lr_variants(runs, stepdown[0], control, stepdown[1]),
+             f"Figure 3 at each LR, no LR selection: test accuracy (%) of each rank step-down - {control} at the "
+             f"same seed (a step-down is its {control} pair up to its knot after epoch 3, so only a run selected "
+             "after it can differ)", None),
             ("table_real_ablation_dev_loss", variant_gap_table(abl, control), abl,
              f"Dev loss per epoch, each ablation variant - {control} at the same task, seed and LR, each LR apart: "
              "mean [95% bootstrap CI over seeds] (a value marked * is after the variant's first knot; lower is "

@@ -383,7 +383,8 @@ def report_section(results_dir: Path, fig_dir: Path, files: list[Path], log=prin
                lambda d: plot_lines(d, [f"r={r}" for r in pr.STEPDOWN_RANKS], list(pr.STEPDOWN_RANKS), fig_dir,
                                     "fig3_real_rank_stepdown", "residual rank r (last 2 epochs)",
                                     baseline="LoRA r=8")),
-              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, ABLATION),
+              *epochs.report_tables(runs, COLA3, LORA, pr.REAL_TASKS, variants, fig_dir, ABLATION,
+                                    (tuple(f"step-down 8→{r}" for r in pr.STEPDOWN_RANKS), pr.STEPDOWN_TASKS)),
               ("table_real_cost", cost.shown(spent := cost.cost_table(runs, cov, pr.REAL_TASKS)), spent, cost.CAPTION,
                None)]
     for name, frame, numeric, caption, plot in tables:
