@@ -14,9 +14,9 @@ tier: the ablation on SST-2 / CB at seeds 0-2 and the same LRs; 90 of the real r
 profile still lacks, by shard.
 
 Resumable: a job whose result file is intact (sha256) and was made with the same config is skipped; a killed
-LM run resumes from results/lm/checkpoints/<job id>. `--shard i/n` (0 <= i < n) runs the jobs i, i+n, i+2n, ...
-of the sorted job list, keeping together the chains that share a first-knot trunk (`shard`; SLURM: --shard
-$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); figures are built only
+LM run resumes from results/lm/checkpoints/<job id>. `--shard i/n` (0 <= i < n) runs the i-th of n near-equal
+contiguous parts of the job list in (task, seed) order, never splitting a family of chains that share a first-knot
+trunk (`shard`; SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); figures are built only
 when n == 1 or with --only figures. Exit codes: 0 ok, 1 a Theorem 4.1 bound is violated, 2 bad arguments,
 3 some job failed (the others still ran).
 """
@@ -218,23 +218,29 @@ def job_list(profile: str, parts: tuple[str, ...], settings: dict | None = None)
 
 
 def shard(jobs: list[Job], i: int, n: int) -> list[Job]:
-    """Shard i of n: whole families of runs that may share a first-knot trunk (`cola_theory.lm.fork.family`; a
-    theory job or a LoRA run is a family of one), each to the shard with the fewest jobs so far (ties: the lowest
-    index), in job order. With families of one this is jobs[i::n]."""
+    """Shard i of n: contiguous runs of jobs in (task, seed) order, cut into n parts of near-equal job counts,
+    never inside a family of runs that may share a first-knot trunk (`cola_theory.lm.fork.family`; a theory job or
+    a LoRA run is a family of one). Keeping a task's seed together lets a shard pack the runs of one seed (they
+    share its sample and batch order, so a pack pads nothing across runs) and fork its families. Returned in job
+    order."""
     if n == 1:
         return jobs
     from cola_theory.lm.fork import family
 
-    families: dict[tuple, list[Job]] = {}
-    for j in jobs:
-        families.setdefault(("lm", family(j.lm.cfg)) if j.kind == "lm" else ("theory", j.key), []).append(j)
-    load, mine = [0] * n, set()
-    for members in families.values():
-        k = min(range(n), key=lambda s: (load[s], s))
-        load[k] += len(members)
-        if k == i:
-            mine.update(id(j) for j in members)
-    return [j for j in jobs if id(j) in mine]
+    families: dict[tuple, list[int]] = {}
+    for k, j in enumerate(jobs):
+        families.setdefault(("lm", family(j.lm.cfg)) if j.kind == "lm" else ("theory", j.key), []).append(k)
+
+    def where(members: list[int]) -> tuple:
+        j = jobs[members[0]]
+        return ("", -1, members[0]) if j.kind != "lm" else (j.lm.cfg.task, j.lm.cfg.seed, members[0])
+
+    mine, done = set(), 0
+    for members in sorted(families.values(), key=where):
+        if min(n - 1, (2 * done + len(members)) * n // (2 * len(jobs))) == i:  # the part holding its midpoint
+            mine.update(members)
+        done += len(members)
+    return [j for k, j in enumerate(jobs) if k in mine]
 
 
 def _mtimes(folder: Path) -> dict[Path, int]:
