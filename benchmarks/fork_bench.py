@@ -38,7 +38,9 @@ def measure(results_dir: Path) -> dict:
     if runs.empty or "forked_at_step" not in runs or runs["forked_at_step"].isna().all():
         raise SystemExit(f"no forked run in {results_dir}: run a family first (e.g. the rank step-down of one LR "
                          "and seed: `run_all.py --profile real --only lm --group real_fig3 --where lr=1e-4`)")
-    runs = runs.assign(pack=runs["engine"].map(_pack), forked=runs["forked_at_step"].notna(),
+    # the four step-downs cost the same up to their last link's rank (2-8 of a 576-wide layer): one kind
+    kind = runs["variant"].map(lambda v: "step-down 8→r" if v.startswith("step-down") else v)
+    runs = runs.assign(pack=runs["engine"].map(_pack), forked=runs["forked_at_step"].notna(), variant=kind,
                        minutes=runs["wall_time_s"].astype(float) / 60.0)
     rows = []
     for (task, device, pack, threads, variant), d in runs.groupby(["task", "device", "pack", "torch_threads",

@@ -79,8 +79,9 @@ def test_fork_bench_compares_forked_runs_with_runs_from_step_0(tmp_path):
     import fork_bench
     import make_benchmarks_md
 
-    jobs = [j for j in jobs_for("real") if j.cfg.task == "sst2" and j.cfg.link_epochs == (3.0, 2.0)
-            and j.cfg.rank == (8, 4)]
+    pick = lambda r: [j for j in jobs_for("real") if j.cfg.task == "sst2" and j.cfg.rank == (8, r)  # noqa: E731
+                      and j.cfg.link_epochs == (3.0, 2.0) and j.cfg.lr == 1e-3]
+    jobs = pick(4)[:3] + pick(6)[3:]  # 8->4 from step 0, 8->6 forked: one kind, the step-downs cost the same
     for job, wall, forked in zip(jobs, (600.0, 720.0, 900.0, 240.0, 300.0), (None, None, None, 375, 375)):
         meta = {"created_at": "2026-12-07T00:00:00Z", "device": "cpu", "wall_time_s": wall, "torch_threads": 1,
                 "packed": {"size": 2, "index": 0}}
@@ -89,7 +90,7 @@ def test_fork_bench_compares_forked_runs_with_runs_from_step_0(tmp_path):
                              **({"forked_at_step": forked} if forked else {})}, meta=meta)
     rep = fork_bench.measure(tmp_path)
     (row,) = rep["rows"]
-    assert (row["variant"], row["runs from step 0"], row["forked runs"]) == ("step-down 8→4", 3, 2)
+    assert (row["variant"], row["runs from step 0"], row["forked runs"]) == ("step-down 8→r", 3, 2)
     assert row["min per run from step 0"] == pytest.approx(12.0) and row["min per forked run"] == pytest.approx(4.5)
     assert row["ratio"] == pytest.approx(4.5 / 12.0) and row["steps trained by a forked run"] == pytest.approx(0.4)
     section = "\n".join(make_benchmarks_md.fork_section(rep))
