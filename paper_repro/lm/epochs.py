@@ -237,6 +237,40 @@ def fixed_lr_variants(runs: pd.DataFrame, variants: tuple[str, ...], control: st
     return shown, pd.concat([g.assign(variant=v) for v, g in parts], ignore_index=True)
 
 
+# a variant whose label names one of these has another LR schedule than LoRA from step 0 (study._SCHEDULES)
+_OTHER_SCHEDULE = ("LR restart", "jagged cosine", "constant LR")
+
+
+def engine_noise(runs: pd.DataFrame, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
+    """Pairs whose two models are the same mathematically: a chain (LoRA's schedule) selected at an epoch at or
+    before its first knot, and `control` at the same task, LR, seed and selected epoch. Their test accuracies differ
+    only by float32 rounding, which differs between engines and pack layouts; per task and per "same engine"
+    (the engine label, packed (k) or sequential, forks aside): pairs, exact ties, and the largest |difference|."""
+    cols = ["task", "same engine", "pairs", "exact ties", "largest absolute difference (pp)"]
+    if runs is None or runs.empty or "best_epoch" not in runs:
+        return pd.DataFrame(columns=cols)
+    ok = runs[runs["best_epoch"].notna() & np.isfinite(runs["test_acc"].astype(float))]
+    ctrl = {(r.task, r.lr, r.seed): r for r in ok[ok["variant"] == control].itertuples()}
+    rows = []
+    for r in ok[(ok["variant"] != control) & ok["task"].isin(tasks)].itertuples():
+        c = ctrl.get((r.task, r.lr, r.seed))
+        if c is None or any(m in r.variant for m in _OTHER_SCHEDULE) or c.best_epoch != r.best_epoch:
+            continue
+        if not float(r.best_epoch) <= float(r.first_knot_epoch) + 1e-9:
+            continue
+        rows.append({"task": r.task, "same engine": r.engine.replace(", forked", "") == c.engine,
+                     "diff": float(r.test_acc) - float(c.test_acc)})
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    d = pd.DataFrame(rows)
+    out = d.groupby(["task", "same engine"], sort=False)["diff"].agg(
+        pairs="count", ties=lambda x: int((x == 0).sum()), worst=lambda x: float(x.abs().max())).reset_index()
+    order = {t: i for i, t in enumerate(tasks)}
+    out = out.sort_values(["task", "same engine"], key=lambda s: s.map(order) if s.name == "task" else ~s)
+    out = out.rename(columns={"ties": "exact ties", "worst": "largest absolute difference (pp)"})
+    return out[cols].reset_index(drop=True)
+
+
 def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple[str, ...],
                   variants: tuple[str, ...], fig_dir: Path, ablation: tuple[str, ...] = (),
                   stepdown: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> list[tuple]:
@@ -265,6 +299,10 @@ def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
              f"Figure 3 at each LR, no LR selection: test accuracy (%) of each rank step-down - {control} at the "
              f"same seed (a step-down is its {control} pair up to its knot after epoch 3, so only a run selected "
              "after it can differ)", None),
+            ("table_real_engine_noise", noise := engine_noise(runs, control, tasks), noise, "Engine noise: pairs "
+             f"whose two models are the same mathematically (a chain selected at or before its first knot, {control} "
+             "at the same task, LR, seed and epoch); their test accuracies differ only by float32 rounding, which "
+             "differs between engines and pack layouts", None),
             ("table_real_ablation_dev_loss", variant_gap_table(abl, control), abl,
              f"Dev loss per epoch, each ablation variant - {control} at the same task, seed and LR, each LR apart: "
              "mean [95% bootstrap CI over seeds] (a value marked * is after the variant's first knot; lower is "
