@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fork", action="store_true",
                    help="train every chain from step 0 (default: chains that agree up to their first knot, e.g. "
                         "the rank step-down 8->2/4/6/8 of one LR and seed, start from one shared knot checkpoint, "
-                        "results/lm/trunks; same results, cola_theory.lm.fork)")
+                        "results/lm/checkpoints/trunks; same results, cola_theory.lm.fork)")
     p.add_argument("--pack", type=parse_pack, default="auto", metavar="N|off|auto",
                    help="train up to N LM runs that differ only in lr / seed / schedule / reset as one pack on one "
                         "base (cola_theory.lm.packed_train); off: one run at a time; auto (default): 25 on a "

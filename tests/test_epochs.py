@@ -221,7 +221,7 @@ def test_fixed_lr_variants_stack_each_step_down_against_lora_at_each_lr():
 
 
 def test_engine_noise_pairs_only_models_that_are_the_same_mathematically():
-    base = {"task": "sst2", "lr": 1e-4, "first_knot_epoch": 5 / 3}
+    base = {"task": "sst2", "lr": 1e-4, "first_knot_epoch": 5 / 3, "lr_schedule": "linear"}
     rows = [{**base, "variant": "LoRA", "seed": s, "best_epoch": 1, "test_acc": 80.0, "engine": "packed (3)"}
             for s in (0, 1, 2, 3)]
     rows[0]["first_knot_epoch"] = rows[1]["first_knot_epoch"] = math.inf
@@ -230,7 +230,7 @@ def test_engine_noise_pairs_only_models_that_are_the_same_mathematically():
              {**base, "variant": "COLA-3", "seed": 1, "best_epoch": 1, "test_acc": 79.9, "engine": "sequential"},
              {**base, "variant": "COLA-3", "seed": 2, "best_epoch": 2, "test_acc": 70.0, "engine": "packed (3)"},  # after
              {**base, "variant": "COLA-3, LR restart per link", "seed": 3, "best_epoch": 1, "test_acc": 60.0,
-              "engine": "packed (3)"},  # another schedule from step 0
+              "engine": "packed (3)", "lr_schedule": "restart"},  # another schedule from step 0
              {**base, "variant": "step-down 8→2", "seed": 3, "best_epoch": 1, "test_acc": 80.0,
               "engine": "packed (3), forked", "first_knot_epoch": 3.0}]
     t = epochs.engine_noise(pd.DataFrame(rows), "LoRA", ("sst2",))

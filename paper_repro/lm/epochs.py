@@ -237,10 +237,6 @@ def fixed_lr_variants(runs: pd.DataFrame, variants: tuple[str, ...], control: st
     return shown, pd.concat([g.assign(variant=v) for v, g in parts], ignore_index=True)
 
 
-# a variant whose label names one of these has another LR schedule than LoRA from step 0 (study._SCHEDULES)
-_OTHER_SCHEDULE = ("LR restart", "jagged cosine", "constant LR")
-
-
 def engine_noise(runs: pd.DataFrame, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
     """Pairs whose two models are the same mathematically: a chain (LoRA's schedule) selected at an epoch at or
     before its first knot, and `control` at the same task, LR, seed and selected epoch. Their test accuracies differ
@@ -254,7 +250,7 @@ def engine_noise(runs: pd.DataFrame, control: str, tasks: tuple[str, ...]) -> pd
     rows = []
     for r in ok[(ok["variant"] != control) & ok["task"].isin(tasks)].itertuples():
         c = ctrl.get((r.task, r.lr, r.seed))
-        if c is None or any(m in r.variant for m in _OTHER_SCHEDULE) or c.best_epoch != r.best_epoch:
+        if c is None or r.lr_schedule != c.lr_schedule or c.best_epoch != r.best_epoch:  # other LRs from step 0
             continue
         if not float(r.best_epoch) <= float(r.first_knot_epoch) + 1e-9:
             continue
