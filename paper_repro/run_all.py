@@ -329,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.where:
         jobs = [j for j in jobs if j.lm is None or where_holds(j.lm.cfg, args.where)]
     if args.missing:
-        from paper_repro.lm.missing import missing_report
+        from paper_repro.lm.missing import missing_report, selection_flags
 
         lm_shards = [[j.lm for j in shard(jobs, k, n) if j.kind == "lm"] for k in range(n)]
-        print(missing_report(lm_shards, results_dir, args.profile, ",".join(args.only) if args.only else None))
+        print(missing_report(lm_shards, results_dir, args.profile, ",".join(args.only) if args.only else None,
+                             selection_flags(args.group, args.where, args.set, args.results_dir)))
         return 0
     jobs = shard(jobs, i, n)
     if args.dry_run:

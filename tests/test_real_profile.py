@@ -139,7 +139,8 @@ def test_missing_lists_counts_and_shards(tmp_path, capsys):
     assert sorted(listed) == sorted(j.job_id for j in cpu if j.cfg.task != "sst2")
     shard_heads = [ln for ln in lines if ln.startswith("shard ")]
     assert [h.split(":")[0] for h in shard_heads] == ["shard 0/2", "shard 1/2"]
-    assert "`python paper_repro/run_all.py --profile real-cpu --only lm --shard 1/2`" in shard_heads[1]
+    assert (f"`python paper_repro/run_all.py --profile real-cpu --only lm --results-dir={tmp_path} --shard 1/2`"
+            in shard_heads[1])
     assert sum(int(h.split(": ")[1].split()[0]) for h in shard_heads) == 120
     ids = {j.lm.job_id for j in run_all.shard(run_all.job_list("real-cpu", ("lm",))[0], 1, 2)}
     in_shard1 = [m.strip() for m in lines[lines.index(shard_heads[1]) + 1:] if m.startswith("  ")]
@@ -155,3 +156,23 @@ def test_dry_run_projects_gpu_time(tmp_path, capsys):
     hours = profiles.projected_gpu_seconds(jobs_for("real")) / 3600
     assert "1525 jobs" in out and f"projected GPU time of those 1525 LM jobs: {hours:.1f} h" in out
     assert "real_ablation" in out and "smollm2-135m/boolq/" in out
+
+
+def test_missing_commands_repeat_the_selection(tmp_path, capsys):
+    """A shard's printed command runs that shard of the same --group/--where/--set selection (pasting it back
+    with --missing lists exactly the jobs printed under it), not of the whole profile."""
+    import shlex
+
+    flags = ["--profile", "real", "--only", "lm", "--group", "real_fig3", "--where", "task=sst2", "--where",
+             "lr=5e-4", "--where", "rank=(8, 2)", "--where", "rank=(8, 8)", "--set", "warmup_steps=3",
+             "--results-dir", str(tmp_path)]
+    assert run_all.main([*flags, "--missing", "--shard", "1/2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(ln for ln in lines if ln.startswith("shard 1/2"))
+    listed = [m.strip() for m in lines[lines.index(head) + 1:] if m.startswith("  ")]
+    assert listed and all("/sst2/" in m and "lr0.0005" in m for m in listed)
+    argv = shlex.split(head.split("`")[1])
+    assert argv[:2] == ["python", "paper_repro/run_all.py"] and argv[-2:] == ["--shard", "1/2"]
+    assert run_all.main([*argv[2:-2], "--missing"]) == 0  # the command's selection, one shard: the same jobs
+    again = [m.strip() for m in capsys.readouterr().out.splitlines() if m.startswith("  ")]
+    assert set(listed) <= set(again) and len(again) == 2 * 5 and len(listed) < len(again)
