@@ -271,7 +271,8 @@ def would_skip(job: Job, results_dir: Path, profile: str, force: bool) -> bool:
     return existing_result(job.lm, results_dir, log=lambda m: None) is not None
 
 
-def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int], results_dir: Path, force: bool) -> None:
+def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int], results_dir: Path, force: bool,
+            pack: int = 0, pack_tokens: int | None = None, fork: bool = True) -> None:
     """Print the job list, each job marked run / skip (up to date), and the projected time of those that run."""
     from paper_repro.lm.profiles import projected_seconds
 
@@ -289,11 +290,16 @@ def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int], results_
     elif not to_run:
         print("projected LM time: 0 min (no LM job would run; --force reruns everything)")
     if profile.startswith("real"):
-        from paper_repro.lm.profiles import projected_gpu_seconds
+        from paper_repro.lm.profiles import projected_gpu_seconds, run_steps
+        from paper_repro.lm.runner import trained_steps
 
         if gpu := projected_gpu_seconds(to_run):
+            steps = trained_steps(to_run, pack, pack_tokens, fork)
+            forked = sum(steps[j.job_id] < run_steps(j.cfg) for j in to_run)
             print(f"projected GPU time of those {len(to_run)} LM jobs: {gpu / 3600:.1f} h sequential at 10 GPU-s per "
-                  "625-step run (measured on an H200 with 12 processes sharing it; steps only, eval not modelled)")
+                  "625-step run (measured on an H200 with 12 processes sharing it; steps only, eval not modelled); "
+                  f"{projected_gpu_seconds(to_run, steps) / 3600:.1f} h with forks ({forked} runs start from a "
+                  "shared first-knot checkpoint at this --pack)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jobs = shard(jobs, i, n)
     if args.dry_run:
-        dry_run(jobs, args.profile, args.shard, results_dir, args.force)
+        dry_run(jobs, args.profile, args.shard, results_dir, args.force, pack_size(args.pack, args.device),
+                args.pack_tokens, not args.no_fork)
         return 0
     for msg in problems:
         print(f"[run_all] WARNING: {msg}", file=sys.stderr)

@@ -44,6 +44,12 @@ def test_measured_minutes_hours_and_projection(table):
     assert wsc["run-hours spent"] == pytest.approx(1320 / 3600)
     assert wsc["missing runs"] == total["wsc"] - 4
     assert wsc["projected hours (one process)"] == pytest.approx(6.0 * (total["wsc"] - 4) / 60)
+    # with the forks to come: scaled by the share of their steps the missing runs train (WSC: 7 steps an epoch,
+    # 5 epochs; the step-down and no-reset runs that fork skip their first link)
+    left = cov[cov["group"] == "all"].set_index("task").loc["wsc"]
+    assert left["steps_left"] == 35 * (total["wsc"] - 4) and 0.5 < left["forked_steps_left"] / left["steps_left"] < 1
+    assert wsc["with forks"] == pytest.approx(wsc["projected hours (one process)"] * left["forked_steps_left"]
+                                              / left["steps_left"])
     cb = t[(t["task"] == "cb")].iloc[0]
     assert (cb["device"], cb["median_min"], cb["pack sizes"]) == ("cuda", pytest.approx(1.0), "25")
     rte = t[t["task"] == "rte"].iloc[0]  # nothing measured: the missing count, no projection
@@ -57,8 +63,8 @@ def test_one_total_per_device_names_what_it_cannot_project(table):
     assert set(totals.index) == {"cpu", "cuda"}
     n_missing = int((cov[cov["group"] == "all"]["total"] - cov[cov["group"] == "all"]["present"]).sum())
     assert (totals["missing runs"] == n_missing).all()
-    assert totals.loc["cpu", "projected hours (one process)"] == pytest.approx(
-        float(t[(t["task"] == "wsc")]["projected hours (one process)"].iloc[0]))
+    for col in ("projected hours (one process)", "with forks"):
+        assert totals.loc["cpu", col] == pytest.approx(float(t[(t["task"] == "wsc")][col].iloc[0]))
     assert "cb" in totals.loc["cpu", "not projected (no run measured)"].split(", ")
     assert "wsc" in totals.loc["cuda", "not projected (no run measured)"].split(", ")
     shown = cost.shown(t)

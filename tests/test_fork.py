@@ -125,8 +125,8 @@ def test_a_forked_pack_writes_what_its_unforked_pack_writes(tmp_path):
 @needs_data
 def test_the_runner_forks_the_step_down_family_and_results_equal_an_unforked_runner(tmp_path):
     from cola_theory.results import load_result
-    from paper_repro.lm.profiles import LMJob
-    from paper_repro.lm.runner import run_lm_jobs
+    from paper_repro.lm.profiles import LMJob, run_steps
+    from paper_repro.lm.runner import run_lm_jobs, trained_steps
 
     jobs = [LMJob(dataclasses.replace(STEP, rank=(4, r), seed=s), ("t",)) for r in (1, 2, 3, 4) for s in (0, 1)]
     jobs.append(LMJob(dataclasses.replace(STEP, lr=3e-3), ("t",)))  # a family of one: run without a trunk
@@ -141,6 +141,12 @@ def test_the_runner_forks_the_step_down_family_and_results_equal_an_unforked_run
         n_forked += "forked_at_step" in a["metrics"]
         assert "forked_at_step" not in b["metrics"]
     assert n_forked == 6  # one pack of each (lr, seed) family trains the first link, the other three fork
+    # the projection's step count (runner.trained_steps) names the runs that forked and the steps they trained
+    steps = trained_steps(jobs, pack=2)
+    for job in jobs:
+        at = load_result(job.result_path(tmp_path / "f"))["metrics"].get("forked_at_step", 0)
+        assert steps[job.job_id] == run_steps(job.cfg) - at == 12 - at
+    assert set(trained_steps(jobs, pack=2, fork=False).values()) == {12}
     trunks = [tmp_path / d / "lm" / "checkpoints" / "trunks" for d in ("f", "p")]
     assert trunks[0].is_dir() and not any(trunks[0].iterdir())  # used, then deleted after the family's last unit
     assert not trunks[1].exists()

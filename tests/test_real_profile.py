@@ -155,6 +155,13 @@ def test_dry_run_projects_gpu_time(tmp_path, capsys):
     out = capsys.readouterr().out
     hours = profiles.projected_gpu_seconds(jobs_for("real")) / 3600
     assert "1525 jobs" in out and f"projected GPU time of those 1525 LM jobs: {hours:.1f} h" in out
+    from paper_repro.lm.runner import trained_steps
+
+    steps = trained_steps(jobs_for("real"))  # --pack auto on a CPU: one run at a time, forking
+    forked = sum(steps[j.job_id] < profiles.run_steps(j.cfg) for j in jobs_for("real"))
+    assert 0 < forked < 1525 and sum(steps.values()) < sum(profiles.run_steps(j.cfg) for j in jobs_for("real"))
+    with_forks = profiles.projected_gpu_seconds(jobs_for("real"), steps) / 3600
+    assert f"{with_forks:.1f} h with forks ({forked} runs start from a shared first-knot checkpoint" in out
     assert "real_ablation" in out and "smollm2-135m/boolq/" in out
 
 

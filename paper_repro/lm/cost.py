@@ -8,8 +8,11 @@ runs here mostly ran as two single-threaded processes side by side, so their mea
 that sharing and two such processes finish the projection in about half the time. Tasks with no measured run on a
 device get no projection (their inputs differ too much in length to borrow another task's cost). A forked run
 (`cola_theory.lm.fork`: it started from a family member's first-knot checkpoint) trained only its last links: its
-hours count as spent, but the minutes per run (and so the projection) come from the runs trained from step 0, and
-the projection does not count the savings of forks still to come.
+hours count as spent, but the minutes per run come from the runs trained from step 0. The projection is given
+twice: every missing run from step 0, and with the forks still to come (`load_study`'s coverage: the optimizer
+steps the missing runs train when run_all runs them one at a time, a family's first link once; the projection is
+scaled by that share of their steps, as a forked run's cost follows the steps it trains: 0.39-0.42 of a run for
+0.40 of its steps, BENCHMARKS.md fork_bench).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import pandas as pd
 
 CAPTION = ("What the grid costs: minutes per run from the result files (a pack's wall time / its size; the CPU runs "
            "mostly ran as two one-thread processes side by side; forked runs count in the hours spent, not in the "
-           "minutes per run) and missing runs x median for one process")
+           "minutes per run) and missing runs x median for one process, from step 0 and with the forks to come "
+           "(scaled by the steps they train)")
 COLUMNS = ("task", "device", "runs measured", "threads", "pack sizes", "min per run: median [range]",
-           "run-hours spent", "missing runs", "projected hours (one process)")
+           "run-hours spent", "missing runs", "projected hours (one process)", "with forks")
 
 
 def _values(s: pd.Series) -> str:
@@ -36,6 +40,8 @@ def cost_table(runs: pd.DataFrame, coverage: pd.DataFrame, tasks: tuple[str, ...
     `coverage` is `load_study`'s (group "all": every job once)."""
     cov = coverage[coverage["group"] == "all"].set_index("task")
     missing = {t: int(cov.loc[t, "total"] - cov.loc[t, "present"]) if t in cov.index else 0 for t in tasks}
+    share = {t: float(cov.loc[t, "forked_steps_left"] / cov.loc[t, "steps_left"])
+             if t in cov.index and cov.loc[t, "steps_left"] else 1.0 for t in tasks}  # steps trained with forks
     timed = runs[pd.to_numeric(runs.get("wall_time_s"), errors="coerce").notna()] if len(runs) else runs
     rows = []
     for task in tasks:
@@ -43,7 +49,8 @@ def cost_table(runs: pd.DataFrame, coverage: pd.DataFrame, tasks: tuple[str, ...
         if not len(mine):
             rows.append({"task": task, "device": "-", "runs measured": 0, "threads": "-", "pack sizes": "-",
                          "min per run: median [range]": "-", "median_min": math.nan, "run-hours spent": 0.0,
-                         "missing runs": missing[task], "projected hours (one process)": math.nan})
+                         "missing runs": missing[task], "projected hours (one process)": math.nan,
+                         "with forks": math.nan})
             continue
         for device, d in mine.groupby("device", sort=True):
             spent = d["wall_time_s"].astype(float) / 60.0
@@ -55,7 +62,8 @@ def cost_table(runs: pd.DataFrame, coverage: pd.DataFrame, tasks: tuple[str, ...
                 d["torch_threads"]), "pack sizes": _values(packs),
                 "min per run: median [range]": f"{med:.1f} [{minutes.min():.1f}, {minutes.max():.1f}]",
                 "median_min": med, "run-hours spent": float(spent.sum() / 60.0), "missing runs": missing[task],
-                "projected hours (one process)": med * missing[task] / 60.0})
+                "projected hours (one process)": med * missing[task] / 60.0,
+                "with forks": med * missing[task] * share[task] / 60.0})
     out = pd.DataFrame(rows)
     totals = []
     for device in sorted(set(out["device"]) - {"-"}) or ["-"]:
@@ -64,8 +72,8 @@ def cost_table(runs: pd.DataFrame, coverage: pd.DataFrame, tasks: tuple[str, ...
         totals.append({"task": "all", "device": device, "runs measured": int(on["runs measured"].sum()),
                        "threads": "-", "pack sizes": "-", "min per run: median [range]": "-", "median_min": math.nan,
                        "run-hours spent": float(on["run-hours spent"].sum()), "missing runs": sum(missing.values()),
-                       "projected hours (one process)": float(on["projected hours (one process)"].sum())
-                       if len(on) else math.nan,
+                       **{c: float(on[c].sum()) if len(on) else math.nan
+                          for c in ("projected hours (one process)", "with forks")},
                        "not projected (no run measured)": ", ".join(unprojected)})
     out = pd.concat([out, pd.DataFrame(totals)], ignore_index=True)
     return out[[*COLUMNS, "median_min", "not projected (no run measured)"]]
@@ -74,7 +82,7 @@ def cost_table(runs: pd.DataFrame, coverage: pd.DataFrame, tasks: tuple[str, ...
 def shown(table: pd.DataFrame) -> pd.DataFrame:
     """The display form: hours to one decimal, NaN as '-'."""
     df = table.drop(columns=["median_min"]).copy()
-    for c in ("run-hours spent", "projected hours (one process)"):
+    for c in ("run-hours spent", "projected hours (one process)", "with forks"):
         df[c] = [f"{v:.1f}" if isinstance(v, float) and math.isfinite(v) else "-" for v in df[c]]
     df["not projected (no run measured)"] = df["not projected (no run measured)"].fillna("")
     return df

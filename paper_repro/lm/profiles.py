@@ -206,6 +206,11 @@ def steps_per_epoch(task: str, num_train: int = 1000, batch_size: int = 8) -> in
     return math.ceil(min(num_train, EFFECTIVE_TRAIN.get(task, num_train)) / batch_size)
 
 
+def run_steps(cfg: LMRunConfig) -> int:
+    """Optimizer steps of a whole run (every epoch of every link)."""
+    return round(steps_per_epoch(cfg.task, cfg.num_train, cfg.batch_size) * cfg.epochs)
+
+
 def rewarmup_steps(task: str, n_links: int = 3, epochs: float = 5.0) -> int:
     """Jagged cosine's re-warm-up after each knot: REWARMUP_FRACTION of a link's steps, at least 1."""
     return max(1, round(REWARMUP_FRACTION * steps_per_epoch(task) * epochs / n_links))
@@ -317,13 +322,14 @@ def real_cpu_ablation_jobs() -> list[LMJob]:
     return jobs
 
 
-def projected_gpu_seconds(jobs: list[LMJob]) -> float | None:
+def projected_gpu_seconds(jobs: list[LMJob], steps: dict[str, int] | None = None) -> float | None:
     """Projected H200 seconds of SmolLM2 protocol jobs: GPU_S_PER_625_STEPS per 625 optimizer steps (None: no
-    such jobs, or a job of another model)."""
+    such jobs, or a job of another model). `steps`: the steps each job trains (`runner.trained_steps`: forked
+    runs skip their first link); default every step of every job."""
     if not jobs or any(j.cfg.model != REAL_MODEL for j in jobs):
         return None
-    steps = sum(steps_per_epoch(j.cfg.task, j.cfg.num_train, j.cfg.batch_size) * j.cfg.epochs for j in jobs)
-    return steps * GPU_S_PER_625_STEPS / 625
+    total = sum(steps[j.job_id] if steps is not None else run_steps(j.cfg) for j in jobs)
+    return total * GPU_S_PER_625_STEPS / 625
 
 
 def jobs_for(profile: str) -> list[LMJob]:

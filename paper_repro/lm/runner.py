@@ -232,6 +232,28 @@ def unit_family(unit: list[LMJob]) -> tuple:
     return tuple(family(j.cfg) for j in unit)
 
 
+def trained_steps(jobs: Iterable[LMJob], pack: int = 0, pack_tokens: int | None = None,
+                  fork: bool = True) -> dict[str, int]:
+    """Optimizer steps each job trains when `run_lm_jobs` runs them with these settings: all of its steps, or only
+    those after its first link when its unit is not the first of a family that forks (the first link is trained
+    once per family). A step count, not a time: a forked run cost 0.39-0.42 of a run from step 0 while training
+    0.40 of its steps (BENCHMARKS.md, fork_bench)."""
+    from cola_theory.lm.run_config import epochs_per_link
+    from paper_repro.lm.profiles import run_steps, steps_per_epoch
+
+    units = plan_packs(jobs, pack, pack_tokens)
+    families = [unit_family(u) for u in units]
+    count, seen, out = Counter(families), set(), {}
+    for unit, fam in zip(units, families):
+        for job in unit:
+            c = job.cfg
+            forks = fork and count[fam] > 1 and fam in seen and c.n_links > 1
+            skip = epochs_per_link(c.epochs, c.n_links, c.link_epochs)[0] if forks else 0.0
+            out[job.job_id] = run_steps(c) - round(steps_per_epoch(c.task, c.num_train, c.batch_size) * skip)
+        seen.add(fam)
+    return out
+
+
 def trunk_dir(results_dir: Path, fam: tuple) -> Path:
     """Where the units of family `fam` share their first-knot checkpoint (`cola_theory.lm.fork`)."""
     digest = hashlib.sha256(repr(fam).encode()).hexdigest()[:16]

@@ -69,15 +69,17 @@ def _pct(metrics: dict, key: str) -> float:
 def load_study(results_dir: Path, jobs: list | None = None,
                warn: Callable[[str], None] = print) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, coverage): one row per present result of `jobs` (default: the `real` profile), and per
-    (group, task) how many of its runs are present (group "all": every job once)."""
-    from paper_repro.lm.profiles import real_jobs
-    from paper_repro.lm.runner import existing_result
+    (group, task) how many of its runs are present (group "all": every job once) and the steps the missing ones
+    would train (`steps_left`; `forked_steps_left`: with forks)."""
+    from paper_repro.lm.profiles import real_jobs, run_steps
+    from paper_repro.lm.runner import existing_result, trained_steps
 
     jobs = real_jobs() if jobs is None else jobs
     rows, cov = [], []
     for job in jobs:
         payload = existing_result(job, Path(results_dir), warn)
-        cov += [{"group": g, "task": job.cfg.task, "present": payload is not None} for g in ("all", *job.groups)]
+        cov += [{"group": g, "task": job.cfg.task, "present": payload is not None, "job": job}
+                for g in ("all", *job.groups)]
         if payload is None:
             continue
         cfg, m = payload["config"], payload["metrics"]
@@ -96,8 +98,16 @@ def load_study(results_dir: Path, jobs: list | None = None,
                      "torch_threads": payload["meta"].get("torch_threads"),
                      "forked_at_step": m.get("forked_at_step"),
                      "created": str(payload["meta"].get("created_at", ""))})
-    coverage = pd.DataFrame(cov, columns=["group", "task", "present"])
-    coverage = coverage.groupby(["group", "task"], sort=False)["present"].agg(present="sum", total="count")
+    # forked: as run_all runs the missing runs on a CPU (one at a time; a family's first link once)
+    forked = trained_steps([c["job"] for c in cov if c["group"] == "all" and not c["present"]])
+    for c in cov:
+        job = c.pop("job")
+        c["steps_left"], c["forked_steps_left"] = ((0, 0) if c["present"] else (run_steps(job.cfg),
+                                                                                   forked[job.job_id]))
+    coverage = pd.DataFrame(cov, columns=["group", "task", "present", "steps_left", "forked_steps_left"])
+    coverage = coverage.groupby(["group", "task"], sort=False).agg(
+        present=("present", "sum"), total=("present", "count"), steps_left=("steps_left", "sum"),
+        forked_steps_left=("forked_steps_left", "sum"))
     return pd.DataFrame(rows), coverage.reset_index()
 
 
