@@ -71,13 +71,14 @@ def _cost(tmp_path):
     pd.DataFrame([
         {"task": "wsc", "device": "cpu", "runs measured": 3, "min per run: median [range]": "6.0 [5.0, 10.0]",
          "run-hours spent": 0.36, "missing runs": 222, "projected hours (one process)": 22.2,
-         "not projected (no run measured)": ""},
+         "with forks": 19.0, "not projected (no run measured)": ""},
         {"task": "rte", "device": "-", "runs measured": 0, "min per run: median [range]": "-",
          "run-hours spent": 0.0, "missing runs": 245, "projected hours (one process)": float("nan"),
-         "not projected (no run measured)": ""},
+         "with forks": float("nan"), "not projected (no run measured)": ""},
         {"task": "all", "device": "cpu", "runs measured": 3, "min per run: median [range]": "-",
          "run-hours spent": 0.36, "missing runs": 467, "projected hours (one process)": 22.2,
-         "not projected (no run measured)": "rte"}]).to_csv(tmp_path / "table_real_cost.csv", index=False)
+         "with forks": 19.04, "not projected (no run measured)": "rte"},
+    ]).to_csv(tmp_path / "table_real_cost.csv", index=False)
 
 
 def test_cost_block_follows_its_csv_and_is_rewritten_only_where_its_markers_are(tmp_path):
@@ -86,9 +87,9 @@ def test_cost_block_follows_its_csv_and_is_rewritten_only_where_its_markers_are(
         rs.cost_block(tmp_path)
     _cost(tmp_path)
     lines = rs.cost_block(tmp_path).splitlines()
-    assert lines[2] == "| WSC | cpu | 3 | 6.0 [5.0, 10.0] | 0.4 | 222 | 22.2 |"
-    assert lines[3] == "| RTE | – | 0 | – | 0.0 | 245 | – |"
-    assert lines[4] == "| **all** | cpu | 3 | – | 0.4 | 467 | 22.2 (not projected, no run measured: RTE) |"
+    assert lines[2] == "| WSC | cpu | 3 | 6.0 [5.0, 10.0] | 0.4 | 222 | 22.2 | 19.0 |"
+    assert lines[3] == "| RTE | – | 0 | – | 0.0 | 245 | – | – |"
+    assert lines[4] == "| **all** | cpu | 3 | – | 0.4 | 467 | 22.2 (not projected, no run measured: RTE) | 19.0 |"
     readme = tmp_path / "README.md"
     readme.write_text(f"{rs.BEGIN}\nx\n{rs.END}\nmid\n{rs.COST_BEGIN}\nold cost\n{rs.COST_END}\nend\n")
     assert rs.sync(readme, tmp_path) is False
