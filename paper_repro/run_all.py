@@ -294,7 +294,8 @@ def dry_run(jobs: list[Job], profile: str, shard_spec: tuple[int, int], results_
         from paper_repro.lm.runner import trained_steps
 
         if gpu := projected_gpu_seconds(to_run):
-            steps = trained_steps(to_run, pack, pack_tokens, fork)
+            steps = trained_steps([j.lm for j in jobs if j.lm is not None], pack, pack_tokens, fork and not force,
+                                  done={j.lm.job_id for j in jobs if j.lm is not None and j.job_id in skip})
             forked = sum(steps[j.job_id] < run_steps(j.cfg) for j in to_run)
             print(f"projected GPU time of those {len(to_run)} LM jobs: {gpu / 3600:.1f} h sequential at 10 GPU-s per "
                   "625-step run (measured on an H200 with 12 processes sharing it; steps only, eval not modelled); "

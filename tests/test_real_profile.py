@@ -163,6 +163,16 @@ def test_dry_run_projects_gpu_time(tmp_path, capsys):
     with_forks = profiles.projected_gpu_seconds(jobs_for("real"), steps) / 3600
     assert f"{with_forks:.1f} h with forks ({forked} runs start from a shared first-knot checkpoint" in out
     assert "real_ablation" in out and "smollm2-135m/boolq/" in out
+    # a step-down family of 4 (one LR and seed) with one member present: of the 3 that run, the first trains its
+    # first link and 2 fork (the present run made no trunk); the LoRA run of the group forks from nothing
+    sel = ["--group", "real_fig3", "--where", "task=sst2", "--where", "lr=1e-3", "--where", "seed=0"]
+    family = [j for j in jobs_for("real") if "real_fig3" in j.groups and j.cfg.task == "sst2" and j.cfg.lr == 1e-3
+              and j.cfg.seed == 0]
+    assert len(family) == 5
+    _present(tmp_path, [j for j in family if j.cfg.rank == (8, 2)])  # the first of the family in run order
+    assert run_all.main(["--profile", "real", "--only", "lm", "--dry-run", "--results-dir", str(tmp_path),
+                         *sel]) == 0
+    assert "(2 runs start from a shared first-knot checkpoint" in capsys.readouterr().out
 
 
 def test_missing_commands_repeat_the_selection(tmp_path, capsys):

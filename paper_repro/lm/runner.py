@@ -232,25 +232,27 @@ def unit_family(unit: list[LMJob]) -> tuple:
     return tuple(family(j.cfg) for j in unit)
 
 
-def trained_steps(jobs: Iterable[LMJob], pack: int = 0, pack_tokens: int | None = None,
-                  fork: bool = True) -> dict[str, int]:
-    """Optimizer steps each job trains when `run_lm_jobs` runs them with these settings: all of its steps, or only
-    those after its first link when its unit is not the first of a family that forks (the first link is trained
-    once per family). A step count, not a time: a forked run cost 0.39-0.42 of a run from step 0 while training
-    0.40 of its steps (BENCHMARKS.md, fork_bench)."""
+def trained_steps(jobs: Iterable[LMJob], pack: int = 0, pack_tokens: int | None = None, fork: bool = True,
+                  done: frozenset[str] | set[str] = frozenset()) -> dict[str, int]:
+    """Optimizer steps each job not in `done` (ids with a result) trains when `run_lm_jobs` runs `jobs` with these
+    settings: all of its steps, or only those after its first link when an earlier unit of its family trained the
+    same members (packs are cut over every job, as the runner cuts them, and a unit runs only its members without
+    a result; a pack forks only from the same members). A step count, not a time: a forked run cost 0.39-0.42 of
+    a run from step 0 while training 0.40 of its steps (BENCHMARKS.md, fork_bench)."""
     from cola_theory.lm.run_config import epochs_per_link
     from paper_repro.lm.profiles import run_steps, steps_per_epoch
 
     units = plan_packs(jobs, pack, pack_tokens)
     families = [unit_family(u) for u in units]
-    count, seen, out = Counter(families), set(), {}
+    count, trained, out = Counter(families), set(), {}
     for unit, fam in zip(units, families):
-        for job in unit:
+        todo = tuple(k for k, j in enumerate(unit) if j.job_id not in done)
+        forks = fork and count[fam] > 1 and (fam, todo) in trained
+        for job in (unit[k] for k in todo):
             c = job.cfg
-            forks = fork and count[fam] > 1 and fam in seen and c.n_links > 1
-            skip = epochs_per_link(c.epochs, c.n_links, c.link_epochs)[0] if forks else 0.0
+            skip = epochs_per_link(c.epochs, c.n_links, c.link_epochs)[0] if forks and c.n_links > 1 else 0.0
             out[job.job_id] = run_steps(c) - round(steps_per_epoch(c.task, c.num_train, c.batch_size) * skip)
-        seen.add(fam)
+        trained.add((fam, todo))
     return out
 
 

@@ -99,7 +99,8 @@ def load_study(results_dir: Path, jobs: list | None = None,
                      "forked_at_step": m.get("forked_at_step"),
                      "created": str(payload["meta"].get("created_at", ""))})
     # forked: as run_all runs the missing runs on a CPU (one at a time; a family's first link once)
-    forked = trained_steps([c["job"] for c in cov if c["group"] == "all" and not c["present"]])
+    forked = trained_steps([c["job"] for c in cov if c["group"] == "all"],
+                           done={c["job"].job_id for c in cov if c["group"] == "all" and c["present"]})
     for c in cov:
         job = c.pop("job")
         c["steps_left"], c["forked_steps_left"] = ((0, 0) if c["present"] else (run_steps(job.cfg),
