@@ -147,6 +147,18 @@ def test_the_runner_forks_the_step_down_family_and_results_equal_an_unforked_run
         at = load_result(job.result_path(tmp_path / "f"))["metrics"].get("forked_at_step", 0)
         assert steps[job.job_id] == run_steps(job.cfg) - at == 12 - at
     assert set(trained_steps(jobs, pack=2, fork=False).values()) == {12}
+    # with results present a pack runs only its members without one, and forks only from the same members: seed 1
+    # of 4->2 and of 4->3 again -> two one-run units, the first trains its first link, the second forks from it
+    again = [j for j in jobs if j.cfg.seed == 1 and j.cfg.rank in ((4, 2), (4, 3))]
+    for job in again:
+        job.result_path(tmp_path / "f").unlink()
+    done = {j.job_id for j in jobs} - {j.job_id for j in again}
+    steps = trained_steps(jobs, pack=2, done=done)
+    assert set(steps) == {j.job_id for j in again} and sorted(steps.values()) == [4, 12]
+    assert run_lm_jobs(jobs, tmp_path / "f", pack=2, **quiet).count("ran") == 2
+    for job in again:
+        at = load_result(job.result_path(tmp_path / "f"))["metrics"].get("forked_at_step", 0)
+        assert steps[job.job_id] == 12 - at
     trunks = [tmp_path / d / "lm" / "checkpoints" / "trunks" for d in ("f", "p")]
     assert trunks[0].is_dir() and not any(trunks[0].iterdir())  # used, then deleted after the family's last unit
     assert not trunks[1].exists()
