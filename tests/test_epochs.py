@@ -236,3 +236,19 @@ def test_engine_noise_pairs_only_models_that_are_the_same_mathematically():
     t = epochs.engine_noise(pd.DataFrame(rows), "LoRA", ("sst2",))
     assert t[["same engine", "pairs", "exact ties"]].values.tolist() == [[True, 2, 2], [False, 1, 0]]
     assert t["largest absolute difference (pp)"].tolist() == pytest.approx([0.0, 0.1])
+    assert t["different epoch picked"].tolist() == [0, 0] and t["largest dev-loss gap before the knot"].isna().all()
+    # both picked at or before the chain's knot (epoch 3) but different epochs: rounding moved the pick, still the
+    # same model mathematically; the dev-loss gap counts the 3 epochs before the knot only. LoRA picked after the
+    # knot (seed 6): excluded, as the chain never had that model
+    knot3 = {**base, "first_knot_epoch": 3.0, "engine": "packed (2)"}
+    more = [{**knot3, "variant": "LoRA", "seed": 5, "best_epoch": 3, "test_acc": 80.0,
+             "dev_loss_per_epoch": [0.5, 0.47, 0.46, 0.5, 0.6]},
+            {**knot3, "variant": "step-down 8→2", "seed": 5, "best_epoch": 2, "test_acc": 81.5, "engine": "packed (3)",
+             "dev_loss_per_epoch": [0.5, 0.38, 0.39, 9.0, 9.0]},
+            {**knot3, "variant": "LoRA", "seed": 6, "best_epoch": 4, "test_acc": 80.0},
+            {**knot3, "variant": "step-down 8→2", "seed": 6, "best_epoch": 2, "test_acc": 85.0}]
+    t = epochs.engine_noise(pd.DataFrame(rows + more), "LoRA", ("sst2",))
+    assert t[["same engine", "pairs", "exact ties", "different epoch picked"]].values.tolist() == [
+        [True, 2, 2, 0], [False, 2, 0, 1]]
+    assert t["largest absolute difference (pp)"].tolist() == pytest.approx([0.0, 1.5])
+    assert t["largest dev-loss gap before the knot"].iloc[1] == pytest.approx(0.09)

@@ -238,11 +238,15 @@ def fixed_lr_variants(runs: pd.DataFrame, variants: tuple[str, ...], control: st
 
 
 def engine_noise(runs: pd.DataFrame, control: str, tasks: tuple[str, ...]) -> pd.DataFrame:
-    """Pairs whose two models are the same mathematically: a chain (LoRA's schedule) selected at an epoch at or
-    before its first knot, and `control` at the same task, LR, seed and selected epoch. Their test accuracies differ
-    only by float32 rounding, which differs between engines and pack layouts; per task and per "same engine"
-    (the engine label, packed (k) or sequential, forks aside): pairs, exact ties, and the largest |difference|."""
-    cols = ["task", "same engine", "pairs", "exact ties", "largest absolute difference (pp)"]
+    """Pairs whose two selected models are the same mathematically: a chain (LoRA's schedule) and `control` at the
+    same task, LR and seed, BOTH selected at an epoch at or before the chain's first knot. Up to that knot their dev
+    losses are equal in exact arithmetic, so each rule picks the same epoch and the same model; their test
+    accuracies differ only by float32 rounding, which differs between engines and pack layouts and which training
+    can amplify until the two pick different epochs. Per task and per "same engine" (the engine label, packed (k) or
+    sequential, forks aside): pairs, exact ties, pairs that picked different epochs, the largest |test difference|
+    and the largest |dev-loss difference| at an epoch before the knot."""
+    cols = ["task", "same engine", "pairs", "exact ties", "different epoch picked",
+            "largest absolute difference (pp)", "largest dev-loss gap before the knot"]
     if runs is None or runs.empty or "best_epoch" not in runs:
         return pd.DataFrame(columns=cols)
     ok = runs[runs["best_epoch"].notna() & np.isfinite(runs["test_acc"].astype(float))]
@@ -250,20 +254,26 @@ def engine_noise(runs: pd.DataFrame, control: str, tasks: tuple[str, ...]) -> pd
     rows = []
     for r in ok[(ok["variant"] != control) & ok["task"].isin(tasks)].itertuples():
         c = ctrl.get((r.task, r.lr, r.seed))
-        if c is None or r.lr_schedule != c.lr_schedule or c.best_epoch != r.best_epoch:  # other LRs from step 0
+        if c is None or r.lr_schedule != c.lr_schedule:  # other schedules differ from step 0
             continue
-        if not float(r.best_epoch) <= float(r.first_knot_epoch) + 1e-9:
+        knot = float(r.first_knot_epoch) + 1e-9
+        if not (float(r.best_epoch) <= knot and float(c.best_epoch) <= knot):
             continue
+        losses = [getattr(x, "dev_loss_per_epoch", None) for x in (r, c)]
+        gap = max((abs(a - b) for a, b in list(zip(*losses))[:int(knot)]), default=math.nan) if all(
+            isinstance(v, list | tuple) for v in losses) else math.nan  # epochs wholly before the knot
         rows.append({"task": r.task, "same engine": r.engine.replace(", forked", "") == c.engine,
-                     "diff": float(r.test_acc) - float(c.test_acc)})
+                     "diff": float(r.test_acc) - float(c.test_acc), "moved": r.best_epoch != c.best_epoch,
+                     "gap": gap})
     if not rows:
         return pd.DataFrame(columns=cols)
     d = pd.DataFrame(rows)
-    out = d.groupby(["task", "same engine"], sort=False)["diff"].agg(
-        pairs="count", ties=lambda x: int((x == 0).sum()), worst=lambda x: float(x.abs().max())).reset_index()
+    out = d.groupby(["task", "same engine"], sort=False).agg(
+        pairs=("diff", "count"), ties=("diff", lambda x: int((x == 0).sum())), moved=("moved", "sum"),
+        worst=("diff", lambda x: float(x.abs().max())), gap=("gap", "max")).reset_index()
     order = {t: i for i, t in enumerate(tasks)}
     out = out.sort_values(["task", "same engine"], key=lambda s: s.map(order) if s.name == "task" else ~s)
-    out = out.rename(columns={"ties": "exact ties", "worst": "largest absolute difference (pp)"})
+    out = out.rename(columns=dict(zip(("ties", "moved", "worst", "gap"), cols[3:])))
     return out[cols].reset_index(drop=True)
 
 
@@ -296,9 +306,10 @@ def report_tables(runs: pd.DataFrame, treatment: str, control: str, tasks: tuple
              f"same seed (a step-down is its {control} pair up to its knot after epoch 3, so only a run selected "
              "after it can differ)", None),
             ("table_real_engine_noise", noise := engine_noise(runs, control, tasks), noise, "Engine noise: pairs "
-             f"whose two models are the same mathematically (a chain selected at or before its first knot, {control} "
-             "at the same task, LR, seed and epoch); their test accuracies differ only by float32 rounding, which "
-             "differs between engines and pack layouts", None),
+             f"whose two selected models are the same mathematically (a chain and {control} at the same task, LR and "
+             "seed, both selected at or before the chain's first knot, where in exact arithmetic both pick the same "
+             "epoch); their test accuracies differ only by float32 rounding, which differs between engines and pack "
+             "layouts and which training can amplify until the two pick different epochs", None),
             ("table_real_ablation_dev_loss", variant_gap_table(abl, control), abl,
              f"Dev loss per epoch, each ablation variant - {control} at the same task, seed and LR, each LR apart: "
              "mean [95% bootstrap CI over seeds] (a value marked * is after the variant's first knot; lower is "
