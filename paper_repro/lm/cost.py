@@ -11,8 +11,8 @@ device get no projection (their inputs differ too much in length to borrow anoth
 hours count as spent, but the minutes per run come from the runs trained from step 0. The projection is given
 twice: every missing run from step 0, and with the forks still to come (`load_study`'s coverage: the optimizer
 steps the missing runs train when run_all runs them one at a time, a family's first link once; the projection is
-scaled by that share of their steps, as a forked run's cost follows the steps it trains: 0.39-0.42 of a run for
-0.40 of its steps, BENCHMARKS.md fork_bench).
+scaled by that share of their steps, as a forked run's cost follows the share of its steps it trains
+(BENCHMARKS.md, fork_bench).
 """
 
 from __future__ import annotations

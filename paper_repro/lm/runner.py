@@ -237,8 +237,8 @@ def trained_steps(jobs: Iterable[LMJob], pack: int = 0, pack_tokens: int | None 
     """Optimizer steps each job not in `done` (ids with a result) trains when `run_lm_jobs` runs `jobs` with these
     settings: all of its steps, or only those after its first link when an earlier unit of its family trained the
     same members (packs are cut over every job, as the runner cuts them, and a unit runs only its members without
-    a result; a pack forks only from the same members). A step count, not a time: a forked run cost 0.39-0.42 of
-    a run from step 0 while training 0.40 of its steps (BENCHMARKS.md, fork_bench)."""
+    a result; a pack forks only from the same members). A step count, not a time: a forked run's cost follows the
+    share of its steps it trains (BENCHMARKS.md, fork_bench)."""
     from cola_theory.lm.run_config import epochs_per_link
     from paper_repro.lm.profiles import run_steps, steps_per_epoch
 
